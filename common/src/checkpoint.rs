@@ -1,0 +1,184 @@
+//! Saved training state in safetensors: parameters under their PyTorch names (so a
+//! checkpoint is also a loadable `state_dict`), optimizer buffers as `optimizer.<buffer>`, and
+//! the position in training plus the configuration as metadata. The same bytes serve the
+//! per-epoch checkpoints and the state a joining worker fetches.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::codec::TensorSpec;
+use crate::optim::OptimizerState;
+
+/// Where in the schedule a state was taken: after `step` steps of epoch `epoch` (a finished
+/// epoch `e` is stored as `epoch = e + 1, step = 0`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    /// Epoch the next step belongs to.
+    pub epoch: u64,
+    /// Steps of that epoch already applied.
+    pub step: u64,
+}
+
+/// Everything a replica needs to continue training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingState {
+    /// Flat parameters.
+    pub params: Vec<f32>,
+    /// Optimizer state.
+    pub optimizer: OptimizerState,
+    /// Position in the schedule.
+    pub position: Position,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    crate::codec::encode_f32(v)
+}
+
+/// Serialises parameters alone under their PyTorch names (`model.safetensors`).
+pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32]) -> Result<Vec<u8>> {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
+        .iter()
+        .map(|s| (s.name.clone(), f32_bytes(&params[s.range()]), s.shape.clone()))
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+impl TrainingState {
+    /// Serialises the state with its configuration as metadata.
+    pub fn to_bytes(&self, layout: &[TensorSpec], config_toml: &str) -> Result<Vec<u8>> {
+        let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
+            .iter()
+            .map(|s| (s.name.clone(), f32_bytes(&self.params[s.range()]), s.shape.clone()))
+            .collect();
+        for (name, buf) in &self.optimizer.buffers {
+            data.push((format!("optimizer.{name}"), f32_bytes(buf), vec![buf.len()]));
+        }
+        let views = data
+            .iter()
+            .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "lockstep-checkpoint-v1".to_string());
+        meta.insert("epoch".to_string(), self.position.epoch.to_string());
+        meta.insert("step".to_string(), self.position.step.to_string());
+        meta.insert("optimizer_step".to_string(), self.optimizer.step.to_string());
+        meta.insert(
+            "optimizer_buffers".to_string(),
+            self.optimizer.buffers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(","),
+        );
+        meta.insert("config".to_string(), config_toml.to_string());
+        Ok(safetensors::serialize(views, Some(meta))?)
+    }
+
+    /// Parses a state, checking every tensor against `layout`. Returns the state and the
+    /// configuration stored with it.
+    pub fn from_bytes(layout: &[TensorSpec], bytes: &[u8]) -> Result<(Self, String)> {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).context("reading the state header")?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some("lockstep-checkpoint-v1") {
+            bail!("not a Lockstep checkpoint (format metadata missing)");
+        }
+        let tensors = safetensors::SafeTensors::deserialize(bytes).context("reading the state tensors")?;
+        let num = |k: &str| -> Result<u64> {
+            meta.get(k)
+                .ok_or_else(|| anyhow!("checkpoint metadata lacks `{k}`"))?
+                .parse()
+                .with_context(|| format!("checkpoint metadata `{k}`"))
+        };
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = tensors
+                .tensor(name)
+                .with_context(|| format!("checkpoint lacks tensor `{name}`"))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape {
+                bail!(
+                    "checkpoint tensor `{name}` is {:?} {:?}, the model needs F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                );
+            }
+            Ok(crate::codec::decode_f32(t.data(), shape.iter().product())?)
+        };
+        let len = crate::codec::layout_len(layout);
+        let mut params = vec![0.0; len];
+        for s in layout {
+            params[s.range()].copy_from_slice(&read(&s.name, &s.shape)?);
+        }
+        let mut buffers = Vec::new();
+        for name in meta.get("optimizer_buffers").map(String::as_str).unwrap_or("").split(',') {
+            if !name.is_empty() {
+                buffers.push((name.to_string(), read(&format!("optimizer.{name}"), &[len])?));
+            }
+        }
+        let state = TrainingState {
+            params,
+            optimizer: OptimizerState {
+                step: num("optimizer_step")?,
+                buffers,
+            },
+            position: Position {
+                epoch: num("epoch")?,
+                step: num("step")?,
+            },
+        };
+        Ok((state, meta.get("config").cloned().unwrap_or_default()))
+    }
+
+    /// Writes the state atomically (temporary file, then rename): a crash mid-write never
+    /// leaves a torn checkpoint behind.
+    pub fn save(&self, path: &Path, layout: &[TensorSpec], config_toml: &str) -> Result<()> {
+        write_atomic(path, &self.to_bytes(layout, config_toml)?)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::pack_layout;
+
+    #[test]
+    fn state_round_trips_and_wrong_layouts_are_refused() {
+        let layout = pack_layout(&[("fc.weight", vec![2, 3]), ("fc.bias", vec![2])]);
+        let state = TrainingState {
+            params: (0..8).map(|i| i as f32 * 0.5).collect(),
+            optimizer: OptimizerState {
+                step: 7,
+                buffers: vec![("exp_avg".into(), vec![1.0; 8]), ("exp_avg_sq".into(), vec![2.0; 8])],
+            },
+            position: Position { epoch: 2, step: 0 },
+        };
+        let bytes = state.to_bytes(&layout, "seed = 1").unwrap();
+        let (back, cfg) = TrainingState::from_bytes(&layout, &bytes).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(cfg, "seed = 1");
+        let other = pack_layout(&[("fc.weight", vec![3, 2]), ("fc.bias", vec![2])]);
+        let err = TrainingState::from_bytes(&other, &bytes).unwrap_err().to_string();
+        assert!(err.contains("fc.weight"), "{err}");
+        assert!(TrainingState::from_bytes(&layout, &bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn model_file_holds_only_named_parameters() {
+        let layout = pack_layout(&[("fc.weight", vec![2, 3]), ("fc.bias", vec![2])]);
+        let bytes = params_to_bytes(&layout, &[0.0; 8]).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names = st.names();
+        names.sort();
+        assert_eq!(names, ["fc.bias", "fc.weight"]);
+        assert_eq!(st.tensor("fc.weight").unwrap().shape(), &[2, 3]);
+    }
+}

@@ -1,0 +1,180 @@
+//! Flat buffers: every replica keeps its parameters, gradients and optimizer state as one
+//! contiguous `f32` buffer in a layout (names, shapes, offsets) agreed at join time. This module
+//! holds that layout and the little-endian byte codec the wire uses.
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// One named tensor inside a flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// PyTorch-compatible name, e.g. `fc1.weight`.
+    pub name: String,
+    /// Shape, PyTorch order (`[out, in]` for a linear weight).
+    pub shape: Vec<usize>,
+    /// Element offset of the first value in the flat buffer.
+    pub offset: usize,
+}
+
+impl TensorSpec {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor with no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element range this tensor occupies in the flat buffer.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Builds a layout from names and shapes, packing tensors back to back in order.
+pub fn pack_layout(named_shapes: &[(&str, Vec<usize>)]) -> Vec<TensorSpec> {
+    let mut offset = 0;
+    named_shapes
+        .iter()
+        .map(|(name, shape)| {
+            let spec = TensorSpec {
+                name: name.to_string(),
+                shape: shape.clone(),
+                offset,
+            };
+            offset += spec.len();
+            spec
+        })
+        .collect()
+}
+
+/// Total number of elements of a layout.
+pub fn layout_len(layout: &[TensorSpec]) -> usize {
+    layout.iter().map(|s| s.offset + s.len()).max().unwrap_or(0)
+}
+
+/// A flat buffer that does not fit the agreed layout.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// The byte length is not a whole number of `f32`s.
+    #[error("buffer of {0} bytes is not a whole number of 4-byte floats")]
+    Ragged(usize),
+    /// The buffer holds a different number of values than the layout.
+    #[error("buffer holds {got} values, the layout has {expected}")]
+    WrongLength {
+        /// Values the layout expects.
+        expected: usize,
+        /// Values received.
+        got: usize,
+    },
+    /// A value is NaN or infinite.
+    #[error("buffer holds a non-finite value at index {0}")]
+    NonFinite(usize),
+}
+
+/// Encodes `values` as little-endian `f32` bytes, appending to `out`.
+pub fn encode_f32_into(values: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        out.reserve(values.len() * 4);
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// Encodes `values` as little-endian `f32` bytes.
+pub fn encode_f32(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    encode_f32_into(values, &mut out);
+    out
+}
+
+/// Decodes little-endian `f32` bytes into `out`, which must already have the expected length.
+pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+    if bytes.len() % 4 != 0 {
+        return Err(CodecError::Ragged(bytes.len()));
+    }
+    if bytes.len() / 4 != out.len() {
+        return Err(CodecError::WrongLength {
+            expected: out.len(),
+            got: bytes.len() / 4,
+        });
+    }
+    for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+    Ok(())
+}
+
+/// Decodes little-endian `f32` bytes that must hold exactly `expected` values.
+pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
+    let mut out = vec![0.0; expected];
+    decode_f32_into(bytes, &mut out)?;
+    Ok(out)
+}
+
+/// Fails on the first NaN or infinity: a poisoned gradient must not reach the optimizer.
+pub fn check_finite(values: &[f32]) -> Result<(), CodecError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(CodecError::NonFinite(i)),
+        None => Ok(()),
+    }
+}
+
+/// SHA-256 of a set of flat buffers, hex; replicas compare it to catch silent divergence.
+pub fn digest(buffers: &[&[f32]]) -> String {
+    let mut h = Sha256::new();
+    for b in buffers {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(bytemuck::cast_slice::<f32, u8>(b));
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_is_bit_exact() {
+        let values = vec![0.0, -0.0, 1.5, -3.25e-12, f32::MAX, f32::MIN_POSITIVE, 7.0e20];
+        let bytes = encode_f32(&values);
+        assert_eq!(bytes.len(), values.len() * 4);
+        assert_eq!(&bytes[8..12], &1.5f32.to_le_bytes());
+        let back = decode_f32(&bytes, values.len()).unwrap();
+        let a: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        let b: Vec<u32> = back.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused() {
+        assert_eq!(decode_f32(&[0u8; 7], 2), Err(CodecError::Ragged(7)));
+        assert_eq!(
+            decode_f32(&[0u8; 8], 3),
+            Err(CodecError::WrongLength { expected: 3, got: 2 })
+        );
+        assert_eq!(check_finite(&[1.0, f32::NAN]), Err(CodecError::NonFinite(1)));
+    }
+
+    #[test]
+    fn layout_packs_back_to_back() {
+        let l = pack_layout(&[("a.weight", vec![3, 4]), ("a.bias", vec![3])]);
+        assert_eq!(l[1].offset, 12);
+        assert_eq!(layout_len(&l), 15);
+        assert_eq!(l[0].range(), 0..12);
+    }
+
+    #[test]
+    fn digest_changes_with_any_bit() {
+        let a = [1.0f32, 2.0];
+        let b = [1.0f32, 2.000_000_2];
+        assert_ne!(digest(&[&a]), digest(&[&b]));
+        assert_eq!(digest(&[&a]), digest(&[&a]));
+    }
+}

@@ -1,0 +1,707 @@
+//! The job configuration, layered with the `config` crate: built-in defaults (from the preset)
+//! < TOML file (`--config`) < environment (`LOCKSTEP_…`, nested keys with `__`) < command-line
+//! flags. The effective configuration is what the coordinator prints, saves in the run
+//! directory and sends to every worker at join time.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Names of the built-in presets, in the order the README lists them.
+pub const PRESETS: [&str; 5] = ["softmax", "mlp-sigmoid", "mlp", "mlp-leaky", "cnn"];
+
+/// How gradients are all-reduced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Workers send gradients to the coordinator, which averages them in rank order (CPU).
+    Grpc,
+    /// Workers all-reduce among themselves through NCCL (CUDA devices).
+    Nccl,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Grpc => "grpc",
+            Backend::Nccl => "nccl",
+        })
+    }
+}
+
+impl FromStr for Backend {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "grpc" => Ok(Backend::Grpc),
+            "nccl" => Ok(Backend::Nccl),
+            other => bail!("unknown backend `{other}`: use `grpc` (CPU) or `nccl` (CUDA GPUs)"),
+        }
+    }
+}
+
+/// Non-linearity between hidden layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activation {
+    /// max(0, x)
+    Relu,
+    /// 1 / (1 + e^-x)
+    Sigmoid,
+    /// tanh(x)
+    Tanh,
+    /// x for x > 0, slope·x otherwise (`model.leaky_slope`).
+    LeakyRelu,
+    /// Gaussian error linear unit (tanh approximation).
+    Gelu,
+}
+
+impl FromStr for Activation {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "relu" => Activation::Relu,
+            "sigmoid" => Activation::Sigmoid,
+            "tanh" => Activation::Tanh,
+            "leaky-relu" | "leaky_relu" | "leakyrelu" => Activation::LeakyRelu,
+            "gelu" => Activation::Gelu,
+            other => bail!(
+                "unknown activation `{other}`: use relu, sigmoid, tanh, leaky-relu or gelu"
+            ),
+        })
+    }
+}
+
+/// Which network family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Fully connected: 784 → hidden… → 10 (no hidden layers: softmax regression).
+    Mlp,
+    /// conv32-conv64-maxpool-fc128-fc10, as in PyTorch's MNIST example (without dropout).
+    Cnn,
+}
+
+/// The network to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Network family.
+    pub kind: ModelKind,
+    /// Hidden layer widths of an `mlp` (empty: a single linear layer).
+    pub hidden: Vec<usize>,
+    /// Non-linearity after each hidden layer of an `mlp`.
+    pub activation: Activation,
+    /// Negative slope of `leaky-relu`.
+    pub leaky_slope: f64,
+}
+
+impl ModelConfig {
+    /// Parses the compact `--model` form: `cnn`, `linear`, or `mlp:H1,H2,…[:ACTIVATION]`
+    /// (e.g. `mlp:256,128:gelu`, `mlp:64:leaky-relu=0.2`).
+    pub fn parse_spec(spec: &str) -> Result<Self> {
+        let bad = |why: String| {
+            anyhow!(
+                "--model `{spec}`: {why}. Use `cnn`, `linear`, or `mlp:H1,H2,...[:ACTIVATION]` \
+                 such as `mlp:256,128:relu` (activations: relu, sigmoid, tanh, leaky-relu[=SLOPE], gelu)"
+            )
+        };
+        let mut parts = spec.trim().split(':');
+        let kind = parts.next().unwrap_or_default();
+        let mut model = ModelConfig {
+            kind: ModelKind::Mlp,
+            hidden: Vec::new(),
+            activation: Activation::Relu,
+            leaky_slope: 0.01,
+        };
+        match kind {
+            "cnn" => {
+                model.kind = ModelKind::Cnn;
+                if parts.next().is_some() {
+                    return Err(bad("`cnn` takes no further settings".into()));
+                }
+                return Ok(model);
+            }
+            "linear" | "softmax" => {
+                if parts.next().is_some() {
+                    return Err(bad("`linear` takes no further settings".into()));
+                }
+                return Ok(model);
+            }
+            "mlp" => {}
+            other => return Err(bad(format!("unknown model family `{other}`"))),
+        }
+        if let Some(hidden) = parts.next() {
+            for h in hidden.split(',').filter(|h| !h.trim().is_empty()) {
+                let width: usize = h
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("hidden width `{h}` is not a whole number")))?;
+                model.hidden.push(width);
+            }
+        }
+        if let Some(act) = parts.next() {
+            let (name, slope) = match act.split_once('=') {
+                Some((n, s)) => (n, Some(s)),
+                None => (act, None),
+            };
+            model.activation = name.parse().map_err(|e: anyhow::Error| bad(e.to_string()))?;
+            if let Some(s) = slope {
+                model.leaky_slope = s
+                    .parse()
+                    .map_err(|_| bad(format!("slope `{s}` is not a number")))?;
+            }
+        }
+        if parts.next().is_some() {
+            return Err(bad("too many `:`-separated parts".into()));
+        }
+        Ok(model)
+    }
+
+    /// A one-line human description, e.g. `mlp 784-100-100-10 relu`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            ModelKind::Cnn => "cnn conv32-conv64-maxpool-fc128-fc10 relu".to_string(),
+            ModelKind::Mlp => {
+                let mut sizes = vec![784];
+                sizes.extend(&self.hidden);
+                sizes.push(10);
+                let sizes: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+                if self.hidden.is_empty() {
+                    format!("linear {}", sizes.join("-"))
+                } else {
+                    let act = match self.activation {
+                        Activation::LeakyRelu => format!("leaky-relu({})", self.leaky_slope),
+                        a => format!("{a:?}").to_lowercase(),
+                    };
+                    format!("mlp {} {act}", sizes.join("-"))
+                }
+            }
+        }
+    }
+}
+
+/// Optimizer settings; which fields apply depends on `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    /// `sgd` or `adam`.
+    pub kind: OptimizerKind,
+    /// Learning rate.
+    pub lr: f64,
+    /// SGD momentum (0 disables).
+    pub momentum: f64,
+    /// Nesterov momentum for SGD.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient (PyTorch's `weight_decay`).
+    pub weight_decay: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+}
+
+/// The optimizer algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent, optionally with momentum.
+    Sgd,
+    /// Adam (Kingma & Ba), PyTorch's defaults.
+    Adam,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            other => bail!("unknown optimizer `{other}`: use `sgd` or `adam`"),
+        }
+    }
+}
+
+/// Membership and failure-detection settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// How often a worker sends a heartbeat on its stream.
+    pub heartbeat_interval_ms: u32,
+    /// A worker silent for this long is declared dead.
+    pub heartbeat_timeout_ms: u32,
+    /// How long the coordinator waits for all workers to join.
+    pub join_timeout_s: u32,
+    /// Workers report a parameter digest every this many steps (and at every epoch end).
+    pub digest_every: u32,
+}
+
+/// Everything that defines a training job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobConfig {
+    /// The preset the defaults came from.
+    pub preset: String,
+    /// Passes over the training set.
+    pub epochs: u32,
+    /// Global minibatch size, split across the workers.
+    pub batch_size: u32,
+    /// Seeds initialisation and the per-epoch shuffles; same seed, same model, bit for bit.
+    pub seed: u64,
+    /// Number of workers (local processes to spawn, or external ones to wait for).
+    pub workers: u32,
+    /// Gradient all-reduce: `grpc` (CPU, through the coordinator) or `nccl` (GPUs).
+    pub backend: Backend,
+    /// Folder holding the MNIST IDX files; unset: download into the cache folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Run directory; unset: `runs/<preset>-<timestamp>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    /// Address the coordinator listens on.
+    pub listen: String,
+    /// Standardise inputs with MNIST's mean 0.1307 and std 0.3081 (after scaling to [0,1]).
+    pub normalize: bool,
+    /// Compute threads per worker; 0 picks cores / workers for local workers.
+    pub threads: u32,
+    /// The network.
+    pub model: ModelConfig,
+    /// The optimizer.
+    pub optimizer: OptimizerConfig,
+    /// Failure detection.
+    pub cluster: ClusterConfig,
+}
+
+impl JobConfig {
+    /// The built-in defaults of a preset (see DESIGN.md's table).
+    pub fn preset(name: &str) -> Result<Self> {
+        let mlp = |hidden: Vec<usize>, activation| ModelConfig {
+            kind: ModelKind::Mlp,
+            hidden,
+            activation,
+            leaky_slope: 0.1,
+        };
+        let sgd = |lr| OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            lr,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let adam = |lr| OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            ..sgd(lr)
+        };
+        let (model, optimizer, batch_size, epochs) = match name {
+            "softmax" => (mlp(vec![], Activation::Relu), sgd(0.1), 100, 15),
+            "mlp-sigmoid" => (mlp(vec![20], Activation::Sigmoid), sgd(0.1), 100, 17),
+            "mlp" => (mlp(vec![100, 100], Activation::Relu), adam(1e-3), 64, 3),
+            "mlp-leaky" => (mlp(vec![256], Activation::LeakyRelu), adam(1e-4), 200, 10),
+            "cnn" => (
+                ModelConfig {
+                    kind: ModelKind::Cnn,
+                    ..mlp(vec![], Activation::Relu)
+                },
+                adam(1e-3),
+                64,
+                3,
+            ),
+            other => bail!(
+                "unknown preset `{other}`: choose one of {}",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(JobConfig {
+            preset: name.to_string(),
+            epochs,
+            batch_size,
+            seed: 42,
+            workers: 2,
+            backend: Backend::Grpc,
+            data_dir: None,
+            out: None,
+            listen: "127.0.0.1:0".to_string(),
+            normalize: true,
+            threads: 0,
+            model,
+            optimizer,
+            cluster: ClusterConfig {
+                heartbeat_interval_ms: 500,
+                heartbeat_timeout_ms: 5000,
+                join_timeout_s: 120,
+                digest_every: 200,
+            },
+        })
+    }
+
+    /// Parses a configuration that was already resolved (the one a worker receives).
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let cfg: JobConfig = toml::from_str(text).context("parsing the job configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The configuration as TOML, as saved in `config.toml` and sent to workers.
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string_pretty(self).expect("a JobConfig always serialises to TOML")
+    }
+
+    /// Refuses settings that cannot train, with a message naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("epochs must be at least 1");
+        }
+        if self.workers == 0 {
+            bail!("workers must be at least 1");
+        }
+        if self.batch_size < self.workers {
+            bail!(
+                "batch size {} is smaller than the worker count {}: every worker needs at least one \
+                 sample per step; raise --batch-size or lower --workers",
+                self.batch_size,
+                self.workers
+            );
+        }
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            bail!("learning rate must be a positive number, got {}", o.lr);
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            bail!("Adam betas must be in [0, 1), got {} and {}", o.beta1, o.beta2);
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            bail!("Adam eps must be positive, got {}", o.eps);
+        }
+        if !(o.momentum.is_finite() && o.momentum >= 0.0) || !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            bail!("momentum and weight_decay must be non-negative");
+        }
+        if self.model.hidden.contains(&0) {
+            bail!("hidden layer widths must be positive, got {:?}", self.model.hidden);
+        }
+        let c = &self.cluster;
+        if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            bail!(
+                "cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_interval_ms ({}), which must be positive",
+                c.heartbeat_timeout_ms,
+                c.heartbeat_interval_ms
+            );
+        }
+        if c.digest_every == 0 {
+            bail!("cluster.digest_every must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Fingerprint of what a worker must agree with: the network and its input transform.
+    pub fn model_fingerprint(&self) -> String {
+        let canonical = format!(
+            "{}|normalize={}",
+            self.model.describe(),
+            self.normalize
+        );
+        hex::encode(&Sha256::digest(canonical.as_bytes())[..8])
+    }
+}
+
+/// Settings given on the command line; each one, when set, overrides every other layer.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--preset`
+    pub preset: Option<String>,
+    /// `--model`
+    pub model: Option<String>,
+    /// `--epochs`
+    pub epochs: Option<u32>,
+    /// `--batch-size`
+    pub batch_size: Option<u32>,
+    /// `--lr`
+    pub lr: Option<f64>,
+    /// `--optimizer`
+    pub optimizer: Option<String>,
+    /// `--seed`
+    pub seed: Option<u64>,
+    /// `--workers`
+    pub workers: Option<u32>,
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--out`
+    pub out: Option<PathBuf>,
+    /// `--backend`
+    pub backend: Option<String>,
+    /// `--threads`
+    pub threads: Option<u32>,
+}
+
+/// Environment variables that start with `LOCKSTEP_` but are not configuration keys.
+const NON_CONFIG_ENV: [&str; 4] = ["LOCKSTEP_TOKEN", "LOCKSTEP_TOKEN_FILE", "LOCKSTEP_LOG", "LOCKSTEP_CUDA_TESTS"];
+
+/// Resolves the job configuration from all layers, reading the process environment.
+pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<JobConfig> {
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("LOCKSTEP_") && !NON_CONFIG_ENV.contains(&k.as_str()))
+        .collect();
+    load_with_env(file, overrides, &env)
+}
+
+/// Resolves the job configuration from all layers with an explicit environment (for tests).
+pub fn load_with_env(
+    file: Option<&Path>,
+    overrides: &Overrides,
+    env: &[(String, String)],
+) -> Result<JobConfig> {
+    let file_text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the config file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let file_table: Option<toml::Table> = match (&file_text, file) {
+        (Some(text), Some(path)) => Some(
+            toml::from_str(text)
+                .with_context(|| format!("parsing the config file {} as TOML", path.display()))?,
+        ),
+        _ => None,
+    };
+
+    // The preset chooses the defaults, so resolve it first, with the same precedence.
+    let env_get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let preset = overrides
+        .preset
+        .clone()
+        .or_else(|| env_get("LOCKSTEP_PRESET"))
+        .or_else(|| {
+            file_table
+                .as_ref()
+                .and_then(|t| t.get("preset"))
+                .and_then(|v| v.as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| "mlp".to_string());
+    let defaults = JobConfig::preset(&preset)?;
+
+    let default_layer = config::Config::try_from(&defaults).context("building default configuration")?;
+    let mut builder = config::Config::builder().add_source(default_layer);
+    if let (Some(text), Some(path)) = (&file_text, file) {
+        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        check_known_keys(file_table.as_ref().expect("parsed above"), &defaults)
+            .with_context(|| format!("config file {}", path.display()))?;
+    }
+    let env_map: config::Map<String, String> = env.iter().cloned().collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("LOCKSTEP")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("model.hidden")
+            .source(Some(env_map)),
+    );
+
+    let o = overrides;
+    builder = builder.set_override("preset", preset.clone())?;
+    if let Some(spec) = &o.model {
+        let m = ModelConfig::parse_spec(spec)?;
+        builder = builder
+            .set_override("model.kind", serde_plain(&m.kind))?
+            .set_override("model.hidden", m.hidden.iter().map(|&h| h as i64).collect::<Vec<_>>())?
+            .set_override("model.activation", serde_plain(&m.activation))?
+            .set_override("model.leaky_slope", m.leaky_slope)?;
+    }
+    if let Some(v) = o.epochs {
+        builder = builder.set_override("epochs", v)?;
+    }
+    if let Some(v) = o.batch_size {
+        builder = builder.set_override("batch_size", v)?;
+    }
+    if let Some(v) = o.lr {
+        builder = builder.set_override("optimizer.lr", v)?;
+    }
+    if let Some(v) = &o.optimizer {
+        let kind: OptimizerKind = v.parse()?;
+        builder = builder.set_override("optimizer.kind", serde_plain(&kind))?;
+    }
+    if let Some(v) = o.seed {
+        builder = builder.set_override("seed", v)?;
+    }
+    if let Some(v) = o.workers {
+        builder = builder.set_override("workers", v)?;
+    }
+    if let Some(v) = &o.listen {
+        builder = builder.set_override("listen", v.clone())?;
+    }
+    if let Some(v) = &o.data_dir {
+        builder = builder.set_override("data_dir", v.display().to_string())?;
+    }
+    if let Some(v) = &o.out {
+        builder = builder.set_override("out", v.display().to_string())?;
+    }
+    if let Some(v) = &o.backend {
+        let b: Backend = v.parse()?;
+        builder = builder.set_override("backend", b.to_string())?;
+    }
+    if let Some(v) = o.threads {
+        builder = builder.set_override("threads", v)?;
+    }
+    let cfg: JobConfig = builder
+        .build()
+        .context("merging configuration layers")?
+        .try_deserialize()
+        .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn serde_plain<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Refuses keys in a config file that the job configuration does not have (a typo such as
+/// `optimiser` would otherwise be silently ignored).
+fn check_known_keys(file: &toml::Table, defaults: &JobConfig) -> Result<()> {
+    let known = toml::Table::try_from(defaults).context("serialising defaults")?;
+    let optional: BTreeSet<&str> = ["data_dir", "out"].into_iter().collect();
+    for (key, value) in file {
+        match known.get(key) {
+            None if optional.contains(key.as_str()) => {}
+            None => bail!(
+                "unknown key `{key}`; known keys: {}",
+                known.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            Some(toml::Value::Table(inner_known)) => {
+                let Some(inner) = value.as_table() else {
+                    bail!("`{key}` must be a table ([{key}])");
+                };
+                for k in inner.keys() {
+                    if !inner_known.contains_key(k) {
+                        bail!(
+                            "unknown key `{key}.{k}`; known keys of [{key}]: {}",
+                            inner_known.keys().cloned().collect::<Vec<_>>().join(", ")
+                        );
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_preset_is_valid_and_round_trips_through_toml() {
+        for p in PRESETS {
+            let cfg = JobConfig::preset(p).unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(JobConfig::from_toml_str(&cfg.to_toml_string()).unwrap(), cfg);
+        }
+        assert!(JobConfig::preset("resnet").unwrap_err().to_string().contains("mlp-leaky"));
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(
+            &path,
+            "preset = \"softmax\"\nepochs = 4\nseed = 9\n[optimizer]\nlr = 0.5\n",
+        )
+        .unwrap();
+        let cfg = load_with_env(Some(&path), &Overrides::default(), &[]).unwrap();
+        assert_eq!(cfg.preset, "softmax");
+        assert_eq!(cfg.batch_size, 100, "preset default");
+        assert_eq!(cfg.epochs, 4, "file");
+        assert_eq!(cfg.optimizer.lr, 0.5);
+
+        let e = env(&[("LOCKSTEP_EPOCHS", "6"), ("LOCKSTEP_OPTIMIZER__LR", "0.25"), ("LOCKSTEP_MODEL__HIDDEN", "30,20")]);
+        let cfg = load_with_env(Some(&path), &Overrides::default(), &e).unwrap();
+        assert_eq!(cfg.epochs, 6, "env beats file");
+        assert_eq!(cfg.optimizer.lr, 0.25);
+        assert_eq!(cfg.model.hidden, vec![30, 20]);
+        assert_eq!(cfg.seed, 9);
+
+        let flags = Overrides {
+            epochs: Some(2),
+            model: Some("mlp:64:gelu".into()),
+            ..Default::default()
+        };
+        let cfg = load_with_env(Some(&path), &flags, &e).unwrap();
+        assert_eq!(cfg.epochs, 2, "flags beat env");
+        assert_eq!(cfg.model.hidden, vec![64]);
+        assert_eq!(cfg.model.activation, Activation::Gelu);
+    }
+
+    #[test]
+    fn the_preset_flag_picks_the_defaults() {
+        let flags = Overrides {
+            preset: Some("cnn".into()),
+            ..Default::default()
+        };
+        let cfg = load_with_env(None, &flags, &[]).unwrap();
+        assert_eq!(cfg.model.kind, ModelKind::Cnn);
+        let cfg = load_with_env(None, &Overrides::default(), &[]).unwrap();
+        assert_eq!(cfg.preset, "mlp");
+        assert_eq!(cfg.model.hidden, vec![100, 100]);
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_the_reason() {
+        let err = load_with_env(None, &Overrides { preset: Some("nope".into()), ..Default::default() }, &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown preset `nope`"), "{err}");
+
+        let flags = Overrides {
+            batch_size: Some(2),
+            workers: Some(3),
+            ..Default::default()
+        };
+        let err = load_with_env(None, &flags, &[]).unwrap_err();
+        assert!(err.to_string().contains("smaller than the worker count"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, "[optimiser]\nlr = 1\n").unwrap();
+        let err = format!("{:#}", load_with_env(Some(&path), &Overrides::default(), &[]).unwrap_err());
+        assert!(err.contains("unknown key `optimiser`"), "{err}");
+
+        assert!(ModelConfig::parse_spec("mlp:10,x").is_err());
+        assert!(ModelConfig::parse_spec("transformer").is_err());
+    }
+
+    #[test]
+    fn model_specs_parse() {
+        let m = ModelConfig::parse_spec("mlp:64:leaky-relu=0.2").unwrap();
+        assert_eq!(m.hidden, vec![64]);
+        assert_eq!(m.activation, Activation::LeakyRelu);
+        assert_eq!(m.leaky_slope, 0.2);
+        assert_eq!(ModelConfig::parse_spec("cnn").unwrap().kind, ModelKind::Cnn);
+        assert!(ModelConfig::parse_spec("linear").unwrap().hidden.is_empty());
+    }
+
+    #[test]
+    fn fingerprint_follows_the_model_only() {
+        let a = JobConfig::preset("mlp").unwrap();
+        let mut b = a.clone();
+        b.epochs = 9;
+        assert_eq!(a.model_fingerprint(), b.model_fingerprint());
+        b.model.hidden = vec![100, 101];
+        assert_ne!(a.model_fingerprint(), b.model_fingerprint());
+    }
+}

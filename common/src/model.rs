@@ -1,0 +1,347 @@
+//! The networks, written as plain functions of a parameter list so that the same code serves
+//! a worker (parameters as candle `Var`s, with autograd) and the coordinator's evaluation
+//! (parameters as plain tensors built from its flat buffer).
+//!
+//! Parameter names and shapes are PyTorch's (`fc1.weight` is `[out, in]`), so
+//! `model.safetensors` loads into the equivalent `torch.nn.Module` with `load_state_dict`.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::codec::{layout_len, pack_layout, TensorSpec};
+use crate::config::{Activation, ModelConfig, ModelKind};
+use crate::mnist::IMAGE_PIXELS;
+
+/// Number of classes.
+pub const CLASSES: usize = 10;
+
+/// A network architecture and its parameter layout.
+#[derive(Clone, Debug)]
+pub struct Network {
+    config: ModelConfig,
+    layout: Vec<TensorSpec>,
+}
+
+impl Network {
+    /// The network a configuration describes.
+    pub fn new(config: &ModelConfig) -> Self {
+        let shapes: Vec<(String, Vec<usize>)> = match config.kind {
+            ModelKind::Mlp => {
+                let mut sizes = vec![IMAGE_PIXELS];
+                sizes.extend(&config.hidden);
+                sizes.push(CLASSES);
+                let single = sizes.len() == 2;
+                sizes
+                    .windows(2)
+                    .enumerate()
+                    .flat_map(|(i, w)| {
+                        let name = if single { "fc".to_string() } else { format!("fc{}", i + 1) };
+                        [
+                            (format!("{name}.weight"), vec![w[1], w[0]]),
+                            (format!("{name}.bias"), vec![w[1]]),
+                        ]
+                    })
+                    .collect()
+            }
+            ModelKind::Cnn => vec![
+                ("conv1.weight".into(), vec![32, 1, 3, 3]),
+                ("conv1.bias".into(), vec![32]),
+                ("conv2.weight".into(), vec![64, 32, 3, 3]),
+                ("conv2.bias".into(), vec![64]),
+                ("fc1.weight".into(), vec![128, 9216]),
+                ("fc1.bias".into(), vec![128]),
+                ("fc2.weight".into(), vec![10, 128]),
+                ("fc2.bias".into(), vec![10]),
+            ],
+        };
+        let borrowed: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+        Self {
+            config: config.clone(),
+            layout: pack_layout(&borrowed),
+        }
+    }
+
+    /// Names, shapes and offsets of the parameters in the flat buffer.
+    pub fn layout(&self) -> &[TensorSpec] {
+        &self.layout
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        layout_len(&self.layout)
+    }
+
+    /// PyTorch's default initialisation (uniform in ±1/√fan_in for weights and biases of
+    /// `Linear` and `Conv2d`), drawn from a generator seeded by `seed`.
+    pub fn init_params(&self, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(0);
+        let mut flat = vec![0.0f32; self.num_params()];
+        let mut fan_in = 1;
+        for spec in &self.layout {
+            if spec.name.ends_with(".weight") {
+                fan_in = spec.shape[1..].iter().product::<usize>();
+            }
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            for v in &mut flat[spec.range()] {
+                *v = rng.random_range(-bound..bound);
+            }
+        }
+        flat
+    }
+
+    /// Logits `[n, 10]` for a batch of inputs `[n, 784]`; `params` in layout order.
+    pub fn forward(&self, params: &[Tensor], x: &Tensor) -> candle_core::Result<Tensor> {
+        let linear = |x: &Tensor, w: &Tensor, b: &Tensor| x.matmul(&w.t()?)?.broadcast_add(b);
+        match self.config.kind {
+            ModelKind::Mlp => {
+                let layers = params.len() / 2;
+                let mut h = x.clone();
+                for i in 0..layers {
+                    h = linear(&h, &params[2 * i], &params[2 * i + 1])?;
+                    if i + 1 < layers {
+                        h = self.activate(&h)?;
+                    }
+                }
+                Ok(h)
+            }
+            ModelKind::Cnn => {
+                let n = x.dim(0)?;
+                let conv = |x: &Tensor, w: &Tensor, b: &Tensor| {
+                    let channels = b.dim(0)?;
+                    x.conv2d(w, 0, 1, 1, 1)?
+                        .broadcast_add(&b.reshape((1, channels, 1, 1))?)?
+                        .relu()
+                };
+                let h = x.reshape((n, 1, 28, 28))?;
+                let h = conv(&h, &params[0], &params[1])?;
+                let h = conv(&h, &params[2], &params[3])?;
+                let h = h.max_pool2d(2)?.flatten_from(1)?;
+                let h = linear(&h, &params[4], &params[5])?.relu()?;
+                linear(&h, &params[6], &params[7])
+            }
+        }
+    }
+
+    fn activate(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        match self.config.activation {
+            Activation::Relu => h.relu(),
+            Activation::Sigmoid => candle_nn::ops::sigmoid(h),
+            Activation::Tanh => h.tanh(),
+            Activation::Gelu => h.gelu(),
+            Activation::LeakyRelu => candle_nn::ops::leaky_relu(h, self.config.leaky_slope),
+        }
+    }
+
+    /// Builds plain tensors from a flat buffer, in layout order.
+    pub fn tensors_from_flat(&self, flat: &[f32], device: &Device) -> candle_core::Result<Vec<Tensor>> {
+        self.layout
+            .iter()
+            .map(|s| Tensor::from_slice(&flat[s.range()], s.shape.as_slice(), device))
+            .collect()
+    }
+}
+
+/// Summed loss and correct count of one forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BatchStats {
+    /// Sum over samples of the cross-entropy loss.
+    pub loss_sum: f64,
+    /// Samples whose arg-max logit is the label.
+    pub correct: u32,
+    /// Samples in the batch.
+    pub samples: u32,
+}
+
+/// Builds the input and label tensors of a batch of `u8` pixels.
+pub fn batch_tensors(
+    pixels: &[u8],
+    labels: &[u8],
+    normalize: bool,
+    device: &Device,
+    scratch: &mut Vec<f32>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = labels.len();
+    crate::mnist::pixels_to_f32(pixels, normalize, scratch);
+    let x = Tensor::from_slice(scratch.as_slice(), (n, IMAGE_PIXELS), device)?;
+    let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let y = Tensor::from_vec(y, n, device)?;
+    Ok((x, y))
+}
+
+fn stats(logits: &Tensor, labels: &Tensor, loss_sum: &Tensor) -> candle_core::Result<BatchStats> {
+    let correct = logits
+        .argmax(D::Minus1)?
+        .eq(labels)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()?;
+    Ok(BatchStats {
+        loss_sum: loss_sum.to_scalar::<f32>()? as f64,
+        correct,
+        samples: labels.dim(0)? as u32,
+    })
+}
+
+/// A worker's trainable copy of the network: parameters as `Var`s on a device.
+pub struct Replica {
+    network: Network,
+    vars: Vec<Var>,
+    device: Device,
+}
+
+impl Replica {
+    /// A replica with the given flat parameters on `device`.
+    pub fn new(network: Network, flat: &[f32], device: Device) -> candle_core::Result<Self> {
+        let vars = network
+            .tensors_from_flat(flat, &device)?
+            .into_iter()
+            .map(|t| Var::from_tensor(&t))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { network, vars, device })
+    }
+
+    /// The device the replica computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// Overwrites the parameters from a flat host buffer.
+    pub fn set_params(&self, flat: &[f32]) -> candle_core::Result<()> {
+        for (var, spec) in self.vars.iter().zip(self.network.layout()) {
+            let t = Tensor::from_slice(&flat[spec.range()], spec.shape.as_slice(), &self.device)?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites the parameters from a flat tensor already on the device.
+    pub fn set_params_from_tensor(&self, flat: &Tensor) -> candle_core::Result<()> {
+        for (var, spec) in self.vars.iter().zip(self.network.layout()) {
+            let t = flat.narrow(0, spec.offset, spec.len())?.reshape(spec.shape.as_slice())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Forward and backward on one batch: the gradient of the *summed* loss, flattened in
+    /// layout order into one tensor on the device, plus the batch statistics.
+    pub fn gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
+        let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let logits = self.network.forward(&params, x)?;
+        let n = y.dim(0)? as f64;
+        let loss_sum = (candle_nn::loss::cross_entropy(&logits, y)? * n)?;
+        let grads = loss_sum.backward()?;
+        let mut parts = Vec::with_capacity(self.vars.len());
+        for (var, spec) in self.vars.iter().zip(self.network.layout()) {
+            match grads.get(var.as_tensor()) {
+                Some(g) => parts.push(g.flatten_all()?),
+                None => parts.push(Tensor::zeros(spec.len(), DType::F32, &self.device)?),
+            }
+        }
+        let flat = Tensor::cat(&parts, 0)?;
+        let st = stats(&logits, y, &loss_sum)?;
+        Ok((flat, st))
+    }
+}
+
+/// Test loss and accuracy of flat parameters over a whole dataset, in batches.
+pub fn evaluate(
+    network: &Network,
+    flat: &[f32],
+    images: &[u8],
+    labels: &[u8],
+    normalize: bool,
+    batch: usize,
+    device: &Device,
+) -> candle_core::Result<BatchStats> {
+    let params = network.tensors_from_flat(flat, device)?;
+    let mut total = BatchStats::default();
+    let mut scratch = Vec::new();
+    for start in (0..labels.len()).step_by(batch.max(1)) {
+        let end = (start + batch).min(labels.len());
+        let (x, y) = batch_tensors(
+            &images[start * IMAGE_PIXELS..end * IMAGE_PIXELS],
+            &labels[start..end],
+            normalize,
+            device,
+            &mut scratch,
+        )?;
+        let logits = network.forward(&params, &x)?;
+        let loss_sum = (candle_nn::loss::cross_entropy(&logits, &y)? * (end - start) as f64)?;
+        let s = stats(&logits, &y, &loss_sum)?;
+        total.loss_sum += s.loss_sum;
+        total.correct += s.correct;
+        total.samples += s.samples;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{JobConfig, PRESETS};
+
+    #[test]
+    fn layouts_have_pytorch_names_and_shapes() {
+        let mlp = Network::new(&JobConfig::preset("mlp").unwrap().model);
+        let names: Vec<&str> = mlp.layout().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]);
+        assert_eq!(mlp.layout()[0].shape, vec![100, 784]);
+        assert_eq!(mlp.num_params(), 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10);
+        let soft = Network::new(&JobConfig::preset("softmax").unwrap().model);
+        assert_eq!(soft.layout()[0].name, "fc.weight");
+        let cnn = Network::new(&JobConfig::preset("cnn").unwrap().model);
+        assert_eq!(cnn.num_params(), 1_199_882);
+    }
+
+    #[test]
+    fn every_preset_computes_a_gradient_of_the_right_size() {
+        for p in PRESETS {
+            let net = Network::new(&JobConfig::preset(p).unwrap().model);
+            let flat = net.init_params(1);
+            let replica = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
+            let pixels: Vec<u8> = (0..3 * IMAGE_PIXELS).map(|i| (i % 251) as u8).collect();
+            let (x, y) = batch_tensors(&pixels, &[1, 7, 3], true, &Device::Cpu, &mut Vec::new()).unwrap();
+            let (g, st) = replica.gradient(&x, &y).unwrap();
+            assert_eq!(g.dims1().unwrap(), net.num_params(), "{p}");
+            assert_eq!(st.samples, 3);
+            assert!(st.loss_sum > 0.0);
+        }
+    }
+
+    #[test]
+    fn summed_gradients_of_two_halves_equal_the_whole() {
+        let net = Network::new(&JobConfig::preset("mlp").unwrap().model);
+        let flat = net.init_params(3);
+        let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
+        let pixels: Vec<u8> = (0..4 * IMAGE_PIXELS).map(|i| (i * 7 % 256) as u8).collect();
+        let labels = [0u8, 5, 9, 2];
+        let mut s = Vec::new();
+        let (x, y) = batch_tensors(&pixels, &labels, true, &Device::Cpu, &mut s).unwrap();
+        let whole = r.gradient(&x, &y).unwrap().0.to_vec1::<f32>().unwrap();
+        let (x1, y1) = batch_tensors(&pixels[..2 * IMAGE_PIXELS], &labels[..2], true, &Device::Cpu, &mut s).unwrap();
+        let (x2, y2) = batch_tensors(&pixels[2 * IMAGE_PIXELS..], &labels[2..], true, &Device::Cpu, &mut s).unwrap();
+        let a = r.gradient(&x1, &y1).unwrap().0.to_vec1::<f32>().unwrap();
+        let b = r.gradient(&x2, &y2).unwrap().0.to_vec1::<f32>().unwrap();
+        for i in 0..whole.len() {
+            assert!((whole[i] - (a[i] + b[i])).abs() <= 1e-4 * (1.0 + whole[i].abs()), "index {i}");
+        }
+    }
+
+    #[test]
+    fn initialisation_is_seeded_and_bounded() {
+        let net = Network::new(&JobConfig::preset("mlp").unwrap().model);
+        let a = net.init_params(5);
+        assert_eq!(a, net.init_params(5));
+        assert_ne!(a, net.init_params(6));
+        let bound = 1.0 / (784f32).sqrt();
+        assert!(a[..784 * 100].iter().all(|v| v.abs() <= bound));
+    }
+}

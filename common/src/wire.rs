@@ -1,0 +1,144 @@
+//! The generated gRPC code for `proto/lockstep.proto`, plus the small conversions the rest of
+//! the code uses so that it speaks in the project's own types.
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("lockstep.v1");
+}
+
+use crate::codec::TensorSpec;
+
+pub use pb::coordinator_client::CoordinatorClient;
+pub use pb::coordinator_server::{Coordinator, CoordinatorServer};
+
+impl pb::StepId {
+    /// A step identifier as carried by every step message.
+    pub fn new(epoch: u64, step: u64, membership_epoch: u64) -> Self {
+        Self {
+            epoch,
+            step,
+            membership_epoch,
+        }
+    }
+}
+
+/// Converts the layout into its wire form.
+pub fn layout_to_wire(layout: &[TensorSpec]) -> Vec<pb::TensorSpec> {
+    layout
+        .iter()
+        .map(|s| pb::TensorSpec {
+            name: s.name.clone(),
+            shape: s.shape.iter().map(|&d| d as u64).collect(),
+            offset: s.offset as u64,
+        })
+        .collect()
+}
+
+/// Converts a layout received on the wire back into the project's type.
+pub fn layout_from_wire(layout: &[pb::TensorSpec]) -> Vec<TensorSpec> {
+    layout
+        .iter()
+        .map(|s| TensorSpec {
+            name: s.name.clone(),
+            shape: s.shape.iter().map(|&d| d as usize).collect(),
+            offset: s.offset as usize,
+        })
+        .collect()
+}
+
+/// Splits a serialised state into the chunks that `FetchState`/`PushState` stream.
+pub fn state_chunks(bytes: &[u8], epoch: u64, step: u64) -> Vec<pb::StateChunk> {
+    let total = bytes.len() as u64;
+    if bytes.is_empty() {
+        return vec![pb::StateChunk {
+            total_bytes: 0,
+            offset: 0,
+            data: Vec::new(),
+            epoch,
+            step,
+        }];
+    }
+    bytes
+        .chunks(crate::STATE_CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, c)| pb::StateChunk {
+            total_bytes: total,
+            offset: (i * crate::STATE_CHUNK_BYTES) as u64,
+            data: c.to_vec(),
+            epoch,
+            step,
+        })
+        .collect()
+}
+
+/// Reassembles streamed state chunks, refusing gaps, overlaps and oversized totals.
+#[derive(Default)]
+pub struct StateAssembler {
+    total: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl StateAssembler {
+    /// Adds the next chunk; chunks must arrive in order.
+    pub fn push(&mut self, chunk: pb::StateChunk) -> Result<(), String> {
+        let total = *self.total.get_or_insert(chunk.total_bytes);
+        if chunk.total_bytes != total {
+            return Err(format!(
+                "state chunk says total {} bytes, earlier chunks said {total}",
+                chunk.total_bytes
+            ));
+        }
+        if total > crate::MAX_STATE_BYTES {
+            return Err(format!("state of {total} bytes is larger than any model Lockstep builds"));
+        }
+        if chunk.offset != self.buf.len() as u64 {
+            return Err(format!(
+                "state chunk at offset {} but {} bytes received so far",
+                chunk.offset,
+                self.buf.len()
+            ));
+        }
+        if self.buf.len() as u64 + chunk.data.len() as u64 > total {
+            return Err(format!("state chunks exceed the announced {total} bytes"));
+        }
+        self.buf.extend_from_slice(&chunk.data);
+        Ok(())
+    }
+
+    /// The whole state, once every announced byte is in.
+    pub fn finish(self) -> Result<Vec<u8>, String> {
+        let total = self.total.unwrap_or(0);
+        if self.buf.len() as u64 != total {
+            return Err(format!(
+                "state stream ended after {} of {total} bytes",
+                self.buf.len()
+            ));
+        }
+        Ok(self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_chunks_reassemble_and_gaps_are_refused() {
+        let bytes: Vec<u8> = (0..(crate::STATE_CHUNK_BYTES * 2 + 17)).map(|i| i as u8).collect();
+        let chunks = state_chunks(&bytes, 1, 2);
+        assert_eq!(chunks.len(), 3);
+        let mut asm = StateAssembler::default();
+        for c in chunks.clone() {
+            asm.push(c).unwrap();
+        }
+        assert_eq!(asm.finish().unwrap(), bytes);
+
+        let mut asm = StateAssembler::default();
+        asm.push(chunks[0].clone()).unwrap();
+        assert!(asm.push(chunks[2].clone()).is_err());
+
+        let mut asm = StateAssembler::default();
+        asm.push(chunks[0].clone()).unwrap();
+        assert!(asm.finish().is_err());
+    }
+}
