@@ -93,6 +93,7 @@ pub struct ModelConfig {
     /// Network family.
     pub kind: ModelKind,
     /// Hidden layer widths of an `mlp` (empty: a single linear layer).
+    #[serde(default)]
     pub hidden: Vec<usize>,
     /// Non-linearity after each hidden layer of an `mlp`.
     pub activation: Activation,

@@ -53,7 +53,7 @@ pub fn state_chunks(bytes: &[u8], epoch: u64, step: u64) -> Vec<pb::StateChunk> 
         return vec![pb::StateChunk {
             total_bytes: 0,
             offset: 0,
-            data: Vec::new(),
+            data: bytes::Bytes::new(),
             epoch,
             step,
         }];
@@ -64,7 +64,7 @@ pub fn state_chunks(bytes: &[u8], epoch: u64, step: u64) -> Vec<pb::StateChunk> 
         .map(|(i, c)| pb::StateChunk {
             total_bytes: total,
             offset: (i * crate::STATE_CHUNK_BYTES) as u64,
-            data: c.to_vec(),
+            data: bytes::Bytes::copy_from_slice(c),
             epoch,
             step,
         })

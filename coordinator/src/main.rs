@@ -1,1 +1,164 @@
-fn main(){}
+//! `lockstep`: the coordinator's command line.
+//!
+//! - `lockstep train`: train a model (spawning local workers by default).
+//! - `lockstep check-config`: resolve and print the effective configuration, or fail.
+//! - `lockstep health`: probe a coordinator's `grpc.health.v1` service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use lockstep_common::config::{self, Overrides};
+use lockstep_coordinator::train::{self, Workers};
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Synchronous data-parallel training on MNIST: the coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model: spawns --workers local worker processes (default 2), or waits for
+    /// external ones with --external-workers.
+    Train(TrainArgs),
+    /// Resolve the layered configuration exactly as `train` would and print it as TOML.
+    CheckConfig(ConfigArgs),
+    /// Ask a coordinator whether it is serving (exit 0) or not (exit 1), via grpc.health.v1.
+    Health {
+        /// The coordinator's address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file (layered over the preset's defaults).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Preset: softmax, mlp-sigmoid, mlp (default), mlp-leaky, cnn.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Model: `cnn`, `linear`, or `mlp:H1,H2,...[:ACTIVATION]` (e.g. mlp:256,128:gelu).
+    #[arg(long, value_name = "SPEC")]
+    model: Option<String>,
+    /// Passes over the training set.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Global minibatch size, split across workers.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Optimizer: sgd or adam.
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// Seed for initialisation and shuffling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of workers (local processes to spawn, or external ones to wait for).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Address to listen on (default 127.0.0.1:0 for local workers, 0.0.0.0:50051 for external).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Folder with the MNIST IDX files; unset: download into ~/.cache/lockstep/mnist.
+    #[arg(long, env = "LOCKSTEP_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Run directory (default runs/<preset>-<date>-<time>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Gradient all-reduce: grpc (CPU, through the coordinator) or nccl (CUDA GPUs).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Compute threads per local worker (default: cores / workers).
+    #[arg(long)]
+    threads: Option<u32>,
+}
+
+impl ConfigArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            preset: self.preset.clone(),
+            model: self.model.clone(),
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            optimizer: self.optimizer.clone(),
+            seed: self.seed,
+            workers: self.workers,
+            listen: self.listen.clone(),
+            data_dir: self.data_dir.clone(),
+            out: self.out.clone(),
+            backend: self.backend.clone(),
+            threads: self.threads,
+        }
+    }
+
+    fn load(&self) -> Result<config::JobConfig> {
+        config::load(self.config.as_deref(), &self.overrides())
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Do not spawn workers: wait for --workers external ones to connect (containers, clusters).
+    #[arg(long)]
+    external_workers: bool,
+    /// File holding the job token for external workers (default: $LOCKSTEP_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Train(args) => {
+            let config = args.config.load()?;
+            let workers = if args.external_workers {
+                Workers::External(train::external_token(args.token_file.as_deref())?)
+            } else {
+                Workers::Local
+            };
+            runtime.block_on(train::run(config, workers))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig(args) => {
+            let config = args.load()?;
+            print!("{}", config.to_toml_string());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { addr } => {
+            let serving = runtime.block_on(lockstep_coordinator::server::probe_health(&addr))?;
+            println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+            Ok(if serving { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

@@ -1,1 +1,156 @@
-fn main(){}
+//! `lockstep-worker`: joins a coordinator and trains until the job ends.
+//!
+//! Exit status: 0 when the coordinator finished the job; 1 when the worker was refused, lost
+//! the coordinator, or the job was aborted.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use lockstep_common::auth::Token;
+use lockstep_common::config::{self, Overrides};
+use lockstep_common::model::Replica;
+use lockstep_common::optim::Optimizer;
+use lockstep_common::PROTOCOL_VERSION;
+use lockstep_worker::device::DeviceSpec;
+use lockstep_worker::session::{self, Introduction};
+use lockstep_worker::stream::{self, Outcome};
+
+#[derive(Parser)]
+#[command(name = "lockstep-worker", version, about = "Synchronous data-parallel training on MNIST: a worker")]
+struct Args {
+    /// The coordinator's URL.
+    #[arg(long, env = "LOCKSTEP_COORDINATOR", value_name = "URL")]
+    coordinator: String,
+    /// Compute device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute threads (default: all cores; use 1 when several workers share a machine).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// File holding the job token (default: $LOCKSTEP_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// How long to keep trying to reach the coordinator, in seconds.
+    #[arg(long, default_value_t = 60)]
+    connect_timeout: u64,
+    /// Only join a job that trains this preset's model (refused otherwise).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Only join a job that trains this model (`mlp:100,100:relu`, `cnn`, ...).
+    #[arg(long, value_name = "SPEC")]
+    model: Option<String>,
+    /// Protocol version to announce; only for testing the coordinator's refusal.
+    #[arg(long, hide = true)]
+    protocol_version: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(t) = args.threads {
+        // candle's CPU kernels read the thread count from here; set before any thread starts.
+        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let token = Token::from_file_or_env(args.token_file.as_deref())?.context(
+        "no job token: set LOCKSTEP_TOKEN (or pass --token-file) to the token the coordinator was started with",
+    )?;
+    let device = DeviceSpec::parse(&args.device)?;
+    if !device.supported() {
+        device.open()?;
+    }
+    let model = if args.preset.is_some() || args.model.is_some() {
+        let overrides = Overrides {
+            preset: args.preset.clone(),
+            model: args.model.clone(),
+            ..Default::default()
+        };
+        let cfg = config::load_with_env(None, &overrides, &[])?;
+        Some((cfg.model_fingerprint(), cfg.model.describe()))
+    } else {
+        None
+    };
+    let intro = Introduction {
+        protocol_version: args.protocol_version.unwrap_or(PROTOCOL_VERSION),
+        device: device.to_string(),
+        cuda_available: matches!(device, DeviceSpec::Cuda(_)) && device.supported(),
+        model,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let joined = session::join(&args.coordinator, &token, &intro, Duration::from_secs(args.connect_timeout)).await?;
+        let session::Joined {
+            mut client,
+            reply,
+            config,
+            network,
+            state,
+        } = joined;
+        tracing::info!(
+            "joined as rank {} of {}: {} on {device}",
+            reply.rank,
+            reply.world_size,
+            config.model.describe()
+        );
+        let optimizer = Optimizer::with_state(config.optimizer.clone(), network.num_params(), state.optimizer)?;
+        let dev = device.open()?;
+        let replica = Replica::new(network, &state.params, dev)?;
+        let (channels, reader) = stream::open(
+            &mut client,
+            reply.rank,
+            reply.membership_epoch,
+            Duration::from_millis(reply.heartbeat_interval_ms.max(50) as u64),
+        )
+        .await?;
+        let params = state.params;
+        let compute = tokio::task::spawn_blocking(move || {
+            lockstep_worker::compute::run_grpc(&config, &replica, params, optimizer, channels)
+        });
+        tokio::pin!(compute);
+        tokio::pin!(reader);
+        tokio::select! {
+            computed = &mut compute => {
+                // The compute loop ends when batches stop coming (the stream ended) or on error.
+                let steps = computed.context("compute thread")??;
+                match reader.await.context("step stream task")? {
+                    Outcome::Finished => {
+                        tracing::info!("training finished after {steps} steps");
+                        Ok(())
+                    }
+                    Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
+                    Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
+                }
+            }
+            outcome = &mut reader => match outcome.context("step stream task")? {
+                Outcome::Finished => {
+                    let steps = compute.await.context("compute thread")??;
+                    tracing::info!("training finished after {steps} steps");
+                    Ok(())
+                }
+                Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
+                Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
+            },
+        }
+    })
+}

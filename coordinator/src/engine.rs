@@ -1,0 +1,593 @@
+//! The training loop, top to bottom: wait for the workers; then for each epoch, for each step,
+//! stream every rank its share of the global batch (pipelined ahead), gather the ranks'
+//! gradients, sum them **in rank order** (so the result does not depend on arrival order),
+//! average, send the average back, and apply the same optimizer step to the coordinator's own
+//! replica; after each epoch, evaluate on the test set, checkpoint and log metrics.
+//!
+//! Failure handling: a closed stream, a silent worker (no message within the heartbeat
+//! timeout), an exited worker process, a malformed gradient or a parameter digest that differs
+//! from the coordinator's all stop the job at once with an error that names the worker and the
+//! step; the last checkpoint stays intact.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use lockstep_common::checkpoint::{Position, TrainingState};
+use lockstep_common::codec::{self, digest};
+use lockstep_common::config::Backend;
+use lockstep_common::mnist::{Mnist, IMAGE_PIXELS};
+use lockstep_common::model::{evaluate, BatchStats, Network};
+use lockstep_common::optim::Optimizer;
+use lockstep_common::schedule;
+use lockstep_common::wire::pb;
+use tokio::sync::mpsc;
+
+use crate::progress::EpochProgress;
+use crate::run_dir::{EpochMetrics, RunDir, Summary};
+use crate::service::{Event, Shared, WorkerTx};
+
+/// How many steps ahead of the one being reduced the coordinator streams batches.
+const PIPELINE_DEPTH: u64 = 2;
+/// How often the engine looks for silent workers while it waits.
+const LIVENESS_CHECK: Duration = Duration::from_millis(200);
+/// Test images per evaluation forward pass.
+const EVAL_BATCH: usize = 2000;
+
+/// One rank's report for a step: its gradient (gRPC mode) and its batch statistics.
+struct StepReport {
+    stats: BatchStats,
+    gradient: Option<Bytes>,
+}
+
+/// The coordinator's training loop and the replica it keeps.
+pub struct Engine {
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedReceiver<Event>,
+    data: Arc<Mnist>,
+    network: Network,
+    params: Vec<f32>,
+    optimizer: Optimizer,
+    run: RunDir,
+    txs: Vec<WorkerTx>,
+    own_digests: HashMap<(u64, u64), String>,
+    pending_digests: Vec<(u32, pb::Digest)>,
+    last_checkpoint: Option<std::path::PathBuf>,
+    bytes_moved: u64,
+    started: Instant,
+}
+
+/// Where the loop currently is, for error messages.
+#[derive(Clone, Copy)]
+struct Here {
+    epoch: u64,
+    step: u64,
+    steps: u64,
+}
+
+impl Engine {
+    /// An engine that will train `network` from `initial`.
+    pub fn new(
+        shared: Arc<Shared>,
+        events: mpsc::UnboundedReceiver<Event>,
+        data: Arc<Mnist>,
+        network: Network,
+        initial: TrainingState,
+        run: RunDir,
+    ) -> Result<Self> {
+        let optimizer = Optimizer::with_state(
+            shared.config.optimizer.clone(),
+            network.num_params(),
+            initial.optimizer.clone(),
+        )?;
+        Ok(Self {
+            shared,
+            events,
+            data,
+            network,
+            params: initial.params,
+            optimizer,
+            run,
+            txs: Vec::new(),
+            own_digests: HashMap::new(),
+            pending_digests: Vec::new(),
+            last_checkpoint: None,
+            bytes_moved: 0,
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs the whole job. On error, every connected worker is told to abort.
+    pub async fn run(mut self) -> Result<Summary> {
+        let result = self.train().await;
+        match &result {
+            Ok(_) => {
+                self.broadcast(pb::coordinator_message::Kind::Finish(pb::Finish {
+                    message: "training finished".into(),
+                }))
+                .await
+            }
+            Err(e) => {
+                self.broadcast(pb::coordinator_message::Kind::Abort(pb::Abort {
+                    reason: format!("{e:#}"),
+                }))
+                .await
+            }
+        }
+        result
+    }
+
+    async fn broadcast(&self, kind: pb::coordinator_message::Kind) {
+        for tx in &self.txs {
+            let _ = tx
+                .send(Ok(pb::CoordinatorMessage {
+                    kind: Some(kind.clone()),
+                }))
+                .await;
+        }
+    }
+
+    async fn train(&mut self) -> Result<Summary> {
+        self.wait_for_workers().await?;
+        let cfg = self.shared.config.clone();
+        let n_train = self.data.train_len();
+        let batch = cfg.batch_size as usize;
+        let steps = schedule::steps_per_epoch(n_train, batch) as u64;
+        let mut last: Option<EpochMetrics> = None;
+        let mut train_seconds = 0.0;
+        for epoch in 0..cfg.epochs as u64 {
+            let perm = schedule::epoch_permutation(cfg.seed, epoch, n_train);
+            let mut progress = EpochProgress::start(epoch + 1, cfg.epochs as u64, steps);
+            let epoch_started = Instant::now();
+            let bytes_before = self.bytes_moved;
+            let mut totals = BatchStats::default();
+            let mut sent = 0;
+            for step in 0..steps {
+                let here = Here { epoch, step, steps };
+                while sent < steps && sent <= step + PIPELINE_DEPTH {
+                    self.send_batches(&perm, epoch, sent, steps, here).await?;
+                    sent += 1;
+                }
+                let reports = self.collect(here).await?;
+                for r in &reports {
+                    totals.loss_sum += r.stats.loss_sum;
+                    totals.correct += r.stats.correct;
+                    totals.samples += r.stats.samples;
+                }
+                if cfg.backend == Backend::Grpc {
+                    self.reduce_and_apply(reports, here).await?;
+                    if step % cfg.cluster.digest_every as u64 == 0 || step + 1 == steps {
+                        let d = digest(&self.replica_buffers());
+                        self.own_digests.insert((epoch, step), d);
+                    }
+                    self.check_digests()?;
+                }
+                progress.update(step + 1, totals.samples as u64, totals.loss_sum / totals.samples.max(1) as f64);
+            }
+            progress.finish();
+            let epoch_seconds = epoch_started.elapsed().as_secs_f64();
+            train_seconds += epoch_seconds;
+            if cfg.backend == Backend::Nccl {
+                self.receive_pushed_state(Here { epoch, step: steps, steps }).await?;
+            }
+            let eval_started = Instant::now();
+            let test = self.evaluate().await?;
+            let eval_seconds = eval_started.elapsed().as_secs_f64();
+            let state = TrainingState {
+                params: self.params.clone(),
+                optimizer: self.optimizer.state().clone(),
+                position: Position { epoch: epoch + 1, step: 0 },
+            };
+            let path = self
+                .run
+                .save_checkpoint(epoch + 1, &state, &self.shared.layout, &self.shared.config_toml)?;
+            self.last_checkpoint = Some(path);
+            let m = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: totals.loss_sum / totals.samples.max(1) as f64,
+                train_accuracy: totals.correct as f64 / totals.samples.max(1) as f64,
+                test_loss: test.loss_sum / test.samples.max(1) as f64,
+                test_accuracy: test.correct as f64 / test.samples.max(1) as f64,
+                epoch_seconds,
+                samples_per_second: totals.samples as f64 / epoch_seconds,
+                eval_seconds,
+                workers: cfg.workers,
+                bytes_per_step: (self.bytes_moved - bytes_before) as f64 / steps as f64,
+            };
+            self.run.append_metrics(&m)?;
+            tracing::info!(
+                "epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.2}%, {:.2}s, {:.0} samples/s",
+                m.epoch,
+                cfg.epochs,
+                m.train_loss,
+                m.test_loss,
+                m.test_accuracy * 100.0,
+                m.epoch_seconds,
+                m.samples_per_second
+            );
+            last = Some(m);
+        }
+        if cfg.backend == Backend::Grpc {
+            self.await_final_digests(steps).await?;
+        }
+        let last = last.ok_or_else(|| anyhow!("no epoch ran"))?;
+        let summary = Summary {
+            preset: cfg.preset.clone(),
+            model: cfg.model.describe(),
+            parameters: self.network.num_params(),
+            epochs: cfg.epochs as u64,
+            test_accuracy: last.test_accuracy,
+            test_loss: last.test_loss,
+            train_loss: last.train_loss,
+            samples_per_second: (n_train as f64 * cfg.epochs as f64) / train_seconds,
+            train_seconds,
+            total_seconds: self.started.elapsed().as_secs_f64(),
+            workers: cfg.workers,
+            backend: cfg.backend.to_string(),
+            seed: cfg.seed,
+            params_sha256: digest(&[&self.params]),
+        };
+        self.run.finish(&self.shared.layout, &self.params, &summary)?;
+        Ok(summary)
+    }
+
+    fn replica_buffers(&self) -> Vec<&[f32]> {
+        let mut v: Vec<&[f32]> = vec![&self.params];
+        v.extend(self.optimizer.state().buffers.iter().map(|(_, b)| b.as_slice()));
+        v
+    }
+
+    fn where_text(&self, here: Here) -> String {
+        let ckpt = match &self.last_checkpoint {
+            Some(p) => format!("the last checkpoint, {}, is intact", p.display()),
+            None => "no checkpoint was written yet (the first epoch had not finished)".into(),
+        };
+        format!(
+            "during epoch {} step {}/{}; training stopped, {ckpt}",
+            here.epoch + 1,
+            here.step + 1,
+            here.steps
+        )
+    }
+
+    async fn wait_for_workers(&mut self) -> Result<()> {
+        let world = self.shared.config.workers as usize;
+        let mut txs: Vec<Option<WorkerTx>> = vec![None; world];
+        let timeout = Duration::from_secs(self.shared.config.cluster.join_timeout_s as u64);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while txs.iter().any(Option::is_none) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Event::StreamOpened { rank, tx })) => {
+                    if let Some(slot) = txs.get_mut(rank as usize) {
+                        *slot = Some(tx);
+                    }
+                }
+                Ok(Some(Event::ProcessExited { index, detail })) => {
+                    bail!("worker process {index} exited before training started: {detail}")
+                }
+                Ok(Some(Event::StreamClosed { rank, reason })) => {
+                    bail!("{} disconnected before training started: {reason}", self.shared.describe(rank))
+                }
+                Ok(Some(Event::Interrupted(sig))) => bail!("interrupted by {sig} while waiting for workers"),
+                Ok(Some(_)) => {}
+                Ok(None) => bail!("the coordinator's event queue closed"),
+                Err(_) => {
+                    let ready = txs.iter().filter(|t| t.is_some()).count();
+                    bail!(
+                        "only {ready} of {world} workers connected within {}s; start the missing workers \
+                         (lockstep-worker --coordinator http://THIS_HOST:PORT with the job's LOCKSTEP_TOKEN), \
+                         or lower --workers",
+                        timeout.as_secs()
+                    )
+                }
+            }
+        }
+        self.txs = txs.into_iter().flatten().collect();
+        tracing::info!("all {world} workers connected; training starts");
+        Ok(())
+    }
+
+    async fn send(&mut self, rank: usize, kind: pb::coordinator_message::Kind, here: Here) -> Result<()> {
+        let tx = &self.txs[rank];
+        if tx
+            .send(Ok(pb::CoordinatorMessage { kind: Some(kind) }))
+            .await
+            .is_err()
+        {
+            bail!(
+                "{} disconnected {}",
+                self.shared.describe(rank as u32),
+                self.where_text(here)
+            );
+        }
+        Ok(())
+    }
+
+    async fn send_batches(&mut self, perm: &[u32], epoch: u64, step: u64, steps: u64, here: Here) -> Result<()> {
+        let batch = self.shared.config.batch_size as usize;
+        let range = schedule::step_range(perm.len(), batch, step as usize);
+        let global = range.len() as u32;
+        let world = self.txs.len();
+        for (rank, part) in schedule::split(range.len(), world).into_iter().enumerate() {
+            let indices = &perm[range.start + part.start..range.start + part.end];
+            let mut pixels = Vec::with_capacity(indices.len() * IMAGE_PIXELS);
+            let mut labels = Vec::with_capacity(indices.len());
+            for &i in indices {
+                let i = i as usize;
+                pixels.extend_from_slice(&self.data.train_images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]);
+                labels.push(self.data.train_labels[i]);
+            }
+            self.bytes_moved += (pixels.len() + labels.len()) as u64;
+            let msg = pb::Batch {
+                id: Some(pb::StepId::new(epoch, step, self.shared.membership_epoch)),
+                count: indices.len() as u32,
+                global_count: global,
+                pixels: Bytes::from(pixels),
+                labels: Bytes::from(labels),
+                last_of_epoch: step + 1 == steps,
+            };
+            self.send(rank, pb::coordinator_message::Kind::Batch(msg), here).await?;
+        }
+        Ok(())
+    }
+
+    /// Fails if any worker has been silent for longer than the heartbeat timeout.
+    fn check_liveness(&self, here: Here) -> Result<()> {
+        let limit = self.shared.config.cluster.heartbeat_timeout_ms as u64;
+        let now = self.shared.now_ms();
+        let members = self.shared.members.lock().expect("members lock");
+        for (rank, m) in members.iter().enumerate() {
+            let silent = now.saturating_sub(m.last_seen_ms.load(Ordering::Relaxed));
+            if silent > limit {
+                drop(members);
+                bail!(
+                    "{} sent nothing for {:.1}s (heartbeat timeout {:.1}s) {}",
+                    self.shared.describe(rank as u32),
+                    silent as f64 / 1000.0,
+                    limit as f64 / 1000.0,
+                    self.where_text(here)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one event that is not the awaited step report; errors end the job.
+    fn handle_other(&mut self, event: Event, here: Here) -> Result<()> {
+        match event {
+            Event::StreamClosed { rank, reason } => bail!(
+                "{} failed ({reason}) {}",
+                self.shared.describe(rank),
+                self.where_text(here)
+            ),
+            Event::ProcessExited { index, detail } => bail!(
+                "worker process {index} exited ({detail}) {}",
+                self.where_text(here)
+            ),
+            Event::Interrupted(sig) => bail!("interrupted by {sig} {}", self.where_text(here)),
+            Event::Message { rank, msg } => {
+                if let Some(pb::worker_message::Kind::Digest(d)) = msg.kind {
+                    self.pending_digests.push((rank, d));
+                    self.check_digests()?;
+                }
+                Ok(())
+            }
+            Event::StreamOpened { rank, .. } => {
+                tracing::warn!("ignoring a second step stream from rank {rank}");
+                Ok(())
+            }
+            Event::StatePushed { .. } => Ok(()),
+        }
+    }
+
+    /// Compares the digests workers reported with the coordinator's own at the same step.
+    fn check_digests(&mut self) -> Result<()> {
+        let mut keep = Vec::new();
+        for (rank, d) in std::mem::take(&mut self.pending_digests) {
+            let id = d.id.unwrap_or_default();
+            match self.own_digests.get(&(id.epoch, id.step)) {
+                Some(ours) if *ours == d.sha256 => {}
+                Some(ours) => bail!(
+                    "{} diverged: after epoch {} step {} its parameters/optimizer state digest is {}, the \
+                     coordinator's is {ours}; replicas must be bit-identical, so training stopped",
+                    self.shared.describe(rank),
+                    id.epoch + 1,
+                    id.step + 1,
+                    d.sha256
+                ),
+                None => keep.push((rank, d)),
+            }
+        }
+        self.pending_digests = keep;
+        Ok(())
+    }
+
+    /// Waits for every rank's report for step `here`.
+    async fn collect(&mut self, here: Here) -> Result<Vec<StepReport>> {
+        let world = self.txs.len();
+        let mut reports: Vec<Option<StepReport>> = (0..world).map(|_| None).collect();
+        let mut missing = world;
+        let membership = self.shared.membership_epoch;
+        while missing > 0 {
+            let event = match tokio::time::timeout(LIVENESS_CHECK, self.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => bail!("the coordinator's event queue closed"),
+                Err(_) => {
+                    self.check_liveness(here)?;
+                    continue;
+                }
+            };
+            let (rank, msg) = match event {
+                Event::Message { rank, msg } => (rank, msg),
+                other => {
+                    self.handle_other(other, here)?;
+                    continue;
+                }
+            };
+            let (id, report) = match msg.kind {
+                Some(pb::worker_message::Kind::Gradient(g)) => (
+                    g.id.unwrap_or_default(),
+                    StepReport {
+                        stats: BatchStats { loss_sum: g.loss_sum, correct: g.correct, samples: g.samples },
+                        gradient: Some(g.data),
+                    },
+                ),
+                Some(pb::worker_message::Kind::StepDone(d)) => (
+                    d.id.unwrap_or_default(),
+                    StepReport {
+                        stats: BatchStats { loss_sum: d.loss_sum, correct: d.correct, samples: d.samples },
+                        gradient: None,
+                    },
+                ),
+                other => {
+                    self.handle_other(Event::Message { rank, msg: pb::WorkerMessage { kind: other } }, here)?;
+                    continue;
+                }
+            };
+            if id.epoch != here.epoch || id.step != here.step || id.membership_epoch != membership {
+                tracing::debug!("dropping a stale report from rank {rank} for epoch {} step {}", id.epoch, id.step);
+                continue;
+            }
+            match reports.get_mut(rank as usize) {
+                Some(slot @ None) => {
+                    *slot = Some(report);
+                    missing -= 1;
+                }
+                Some(Some(_)) => tracing::debug!("dropping a duplicate report from rank {rank}"),
+                None => bail!("a report arrived from unknown rank {rank}"),
+            }
+        }
+        self.check_liveness(here)?;
+        Ok(reports.into_iter().flatten().collect())
+    }
+
+    /// Sums the ranks' gradients in rank order, averages over the global batch, sends the
+    /// average to every rank and applies it to the coordinator's replica.
+    async fn reduce_and_apply(&mut self, reports: Vec<StepReport>, here: Here) -> Result<()> {
+        let len = self.params.len();
+        let mut sum = vec![0.0f32; len];
+        let mut part = vec![0.0f32; len];
+        let mut global = 0u32;
+        // Rank order, always: floating-point addition is not associative, and every run must
+        // add the same numbers in the same order to be reproducible.
+        for (rank, r) in reports.iter().enumerate() {
+            let data = r.gradient.as_ref().expect("gRPC mode reports carry gradients");
+            self.bytes_moved += data.len() as u64;
+            codec::decode_f32_into(data, &mut part)
+                .and_then(|_| codec::check_finite(&part))
+                .with_context(|| {
+                    format!(
+                        "{} sent a malformed gradient {}",
+                        self.shared.describe(rank as u32),
+                        self.where_text(here)
+                    )
+                })?;
+            for (s, p) in sum.iter_mut().zip(&part) {
+                *s += p;
+            }
+            global += r.stats.samples;
+        }
+        let n = global.max(1) as f32;
+        for s in &mut sum {
+            *s /= n;
+        }
+        let encoded = Bytes::from(codec::encode_f32(&sum));
+        let membership = self.shared.membership_epoch;
+        for rank in 0..self.txs.len() {
+            self.bytes_moved += encoded.len() as u64;
+            let msg = pb::Reduced {
+                id: Some(pb::StepId::new(here.epoch, here.step, membership)),
+                data: encoded.clone(),
+            };
+            self.send(rank, pb::coordinator_message::Kind::Reduced(msg), here).await?;
+        }
+        self.optimizer.step(&mut self.params, &sum);
+        Ok(())
+    }
+
+    /// NCCL mode: waits for rank 0's state after the epoch and adopts it.
+    async fn receive_pushed_state(&mut self, here: Here) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let event = match tokio::time::timeout(LIVENESS_CHECK, self.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => bail!("the coordinator's event queue closed"),
+                Err(_) => {
+                    self.check_liveness(here)?;
+                    if tokio::time::Instant::now() > deadline {
+                        bail!("rank 0 did not upload its state within 120s after epoch {}", here.epoch + 1);
+                    }
+                    continue;
+                }
+            };
+            match event {
+                Event::StatePushed { bytes } => {
+                    let (state, _) = TrainingState::from_bytes(&self.shared.layout, &bytes)
+                        .context("parsing the state rank 0 uploaded")?;
+                    self.optimizer = Optimizer::with_state(
+                        self.shared.config.optimizer.clone(),
+                        self.network.num_params(),
+                        state.optimizer,
+                    )?;
+                    self.params = state.params;
+                    return Ok(());
+                }
+                other => self.handle_other(other, here)?,
+            }
+        }
+    }
+
+    async fn evaluate(&self) -> Result<BatchStats> {
+        let network = self.network.clone();
+        let params = self.params.clone();
+        let data = self.data.clone();
+        let normalize = self.shared.config.normalize;
+        tokio::task::spawn_blocking(move || {
+            evaluate(
+                &network,
+                &params,
+                &data.test_images,
+                &data.test_labels,
+                normalize,
+                EVAL_BATCH,
+                &candle_core::Device::Cpu,
+            )
+        })
+        .await
+        .context("evaluation task")?
+        .context("evaluating on the test set")
+    }
+
+    /// Waits until every rank's digest of the final step has matched the coordinator's.
+    async fn await_final_digests(&mut self, steps: u64) -> Result<()> {
+        let last_epoch = self.shared.config.epochs as u64 - 1;
+        let here = Here { epoch: last_epoch, step: steps - 1, steps };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut confirmed = vec![false; self.txs.len()];
+        loop {
+            for (rank, d) in &self.pending_digests {
+                let id = d.id.unwrap_or_default();
+                if id.epoch == last_epoch && id.step == steps - 1 {
+                    confirmed[*rank as usize] = true;
+                }
+            }
+            self.check_digests()?;
+            if confirmed.iter().all(|&c| c) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Event::Message { rank, msg })) => {
+                    if let Some(pb::worker_message::Kind::Digest(d)) = msg.kind {
+                        self.pending_digests.push((rank, d));
+                    }
+                }
+                Ok(Some(other)) => self.handle_other(other, here)?,
+                Ok(None) => bail!("the coordinator's event queue closed"),
+                Err(_) => bail!("workers did not confirm their final parameter digests within 30s"),
+            }
+        }
+    }
+}

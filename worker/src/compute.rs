@@ -1,0 +1,138 @@
+//! The compute thread: owns the model replica and the optimizer, and runs the step loop
+//! (gRPC all-reduce): forward + backward on the local share of the batch, send the flat
+//! gradient, wait for the coordinator's average, apply the optimizer step. Every few steps,
+//! and after each epoch's last step, it reports a digest of its parameters and optimizer state
+//! so the coordinator can catch a replica that silently diverged.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use lockstep_common::codec::{self, digest};
+use lockstep_common::config::JobConfig;
+use lockstep_common::mnist::IMAGE_PIXELS;
+use lockstep_common::model::{batch_tensors, BatchStats, Replica};
+use lockstep_common::optim::Optimizer;
+use lockstep_common::wire::pb;
+
+use crate::stream::StepChannels;
+
+/// Checks a batch message against what the protocol promises, before it reaches the model.
+pub fn validate_batch(b: &pb::Batch) -> Result<()> {
+    let n = b.count as usize;
+    if b.pixels.len() != n * IMAGE_PIXELS || b.labels.len() != n {
+        bail!(
+            "malformed batch: {} images announced, {} pixel bytes and {} labels received",
+            n,
+            b.pixels.len(),
+            b.labels.len()
+        );
+    }
+    if let Some(l) = b.labels.iter().find(|&&l| l > 9) {
+        bail!("malformed batch: label {l} is outside 0..=9");
+    }
+    if b.count > b.global_count {
+        bail!("malformed batch: local count {} exceeds global count {}", b.count, b.global_count);
+    }
+    Ok(())
+}
+
+/// Runs the gRPC-mode step loop until the coordinator stops sending batches. Returns the
+/// number of steps applied.
+pub fn run_grpc(
+    config: &JobConfig,
+    replica: &Replica,
+    mut params: Vec<f32>,
+    mut optimizer: Optimizer,
+    channels: StepChannels,
+) -> Result<u64> {
+    let len = params.len();
+    let mut average = vec![0.0f32; len];
+    let mut scratch = Vec::new();
+    let mut steps = 0;
+    while let Ok(batch) = channels.batches.recv() {
+        validate_batch(&batch)?;
+        let id = batch.id.unwrap_or_default();
+        let started = Instant::now();
+        let (gradient, stats) = if batch.count == 0 {
+            (vec![0.0; len], BatchStats::default())
+        } else {
+            let (x, y) = batch_tensors(&batch.pixels, &batch.labels, config.normalize, replica.device(), &mut scratch)?;
+            let (g, stats) = replica.gradient(&x, &y)?;
+            (g.to_vec1::<f32>()?, stats)
+        };
+        let compute_ms = started.elapsed().as_secs_f32() * 1000.0;
+        let msg = pb::Gradient {
+            id: Some(id),
+            samples: stats.samples,
+            loss_sum: stats.loss_sum,
+            correct: stats.correct,
+            data: Bytes::from(codec::encode_f32(&gradient)),
+            compute_ms,
+        };
+        if channels
+            .out
+            .send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Gradient(msg)) })
+            .is_err()
+        {
+            bail!("the step stream closed while sending the gradient of epoch {} step {}", id.epoch + 1, id.step + 1);
+        }
+        let Ok(reduced) = channels.reduced.recv() else {
+            bail!(
+                "the step stream ended while waiting for the average gradient of epoch {} step {}",
+                id.epoch + 1,
+                id.step + 1
+            );
+        };
+        let rid = reduced.id.unwrap_or_default();
+        if rid != id {
+            bail!(
+                "protocol error: expected the average of epoch {} step {}, got epoch {} step {}",
+                id.epoch + 1,
+                id.step + 1,
+                rid.epoch + 1,
+                rid.step + 1
+            );
+        }
+        codec::decode_f32_into(&reduced.data, &mut average)
+            .and_then(|_| codec::check_finite(&average))
+            .context("the average gradient from the coordinator")?;
+        optimizer.step(&mut params, &average);
+        replica.set_params(&params)?;
+        steps += 1;
+        if id.step % config.cluster.digest_every as u64 == 0 || batch.last_of_epoch {
+            let mut buffers: Vec<&[f32]> = vec![&params];
+            buffers.extend(optimizer.state().buffers.iter().map(|(_, b)| b.as_slice()));
+            let msg = pb::Digest { id: Some(id), sha256: digest(&buffers) };
+            let _ = channels.out.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Digest(msg)) });
+        }
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_batches_are_refused() {
+        let good = pb::Batch {
+            id: None,
+            count: 1,
+            global_count: 2,
+            pixels: Bytes::from(vec![0u8; IMAGE_PIXELS]),
+            labels: Bytes::from(vec![3u8]),
+            last_of_epoch: false,
+        };
+        validate_batch(&good).unwrap();
+        let mut short = good.clone();
+        short.pixels = Bytes::from(vec![0u8; 10]);
+        assert!(validate_batch(&short).is_err());
+        let mut label = good.clone();
+        label.labels = Bytes::from(vec![10u8]);
+        assert!(validate_batch(&label).is_err());
+        let mut count = good;
+        count.global_count = 0;
+        assert!(validate_batch(&count).is_err());
+    }
+}

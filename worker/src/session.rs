@@ -1,0 +1,139 @@
+//! Connecting to the coordinator (retrying while it starts), joining the job and fetching the
+//! initial training state.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lockstep_common::auth::Token;
+use lockstep_common::checkpoint::TrainingState;
+use lockstep_common::codec::TensorSpec;
+use lockstep_common::config::JobConfig;
+use lockstep_common::model::Network;
+use lockstep_common::wire::{self, pb, CoordinatorClient};
+use lockstep_common::MAX_MESSAGE_BYTES;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// The client type: every request carries the job token.
+pub type Client = CoordinatorClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>>>;
+
+/// What joining tells the worker.
+pub struct Joined {
+    /// The client, for further calls.
+    pub client: Client,
+    /// The join reply.
+    pub reply: pb::JoinReply,
+    /// The job configuration.
+    pub config: JobConfig,
+    /// The network, whose layout matches the coordinator's.
+    pub network: Network,
+    /// The initial state.
+    pub state: TrainingState,
+}
+
+/// How this worker introduces itself.
+pub struct Introduction {
+    /// Protocol version to announce (the real one, except in tests of the refusal).
+    pub protocol_version: u32,
+    /// Device name.
+    pub device: String,
+    /// Whether a CUDA device is usable.
+    pub cuda_available: bool,
+    /// The model this worker insists on, if any: (fingerprint, description).
+    pub model: Option<(String, String)>,
+}
+
+fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}/pid {}", std::process::id())
+}
+
+async fn connect(url: &str, token: &Token) -> Result<Client> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(16 * 1024 * 1024)
+        .initial_connection_window_size(64 * 1024 * 1024);
+    let channel = endpoint.connect().await?;
+    let token = token.clone();
+    let attach: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync> =
+        Box::new(move |r| token.client_attach(r));
+    Ok(CoordinatorClient::with_interceptor(channel, attach)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Connects and joins, retrying while the coordinator is not reachable yet (containers start
+/// in any order) until `patience` has passed; a refusal is final.
+pub async fn join(url: &str, token: &Token, intro: &Introduction, patience: Duration) -> Result<Joined> {
+    let deadline = Instant::now() + patience;
+    let mut wait = Duration::from_millis(100);
+    let (mut client, reply) = loop {
+        let attempt = async {
+            let mut client = connect(url, token).await.map_err(|e| (true, anyhow!("{e}")))?;
+            let request = pb::JoinRequest {
+                protocol_version: intro.protocol_version,
+                worker_id: worker_id(),
+                device: intro.device.clone(),
+                model_fingerprint: intro.model.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+                model_description: intro.model.as_ref().map(|m| m.1.clone()).unwrap_or_default(),
+                cuda_available: intro.cuda_available,
+            };
+            match client.join(request).await {
+                Ok(reply) => Ok((client, reply.into_inner())),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    Err((true, anyhow!("{}", status.message())))
+                }
+                Err(status) => Err((false, anyhow!("the coordinator refused this worker: {}", status.message()))),
+            }
+        };
+        match attempt.await {
+            Ok(ok) => break ok,
+            Err((false, e)) => return Err(e),
+            Err((true, e)) => {
+                if Instant::now() + wait > deadline {
+                    bail!(
+                        "could not reach the coordinator at {url} within {}s ({e}); check --coordinator and that \
+                         `lockstep train` is running",
+                        patience.as_secs()
+                    );
+                }
+                tracing::info!("coordinator at {url} not reachable yet ({e}); retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let config = JobConfig::from_toml_str(&reply.job_config_toml).context("the job configuration from the coordinator")?;
+    let network = Network::new(&config.model);
+    let theirs: Vec<TensorSpec> = wire::layout_from_wire(&reply.layout);
+    if theirs != network.layout() {
+        bail!(
+            "the coordinator's parameter layout differs from the one this worker builds for `{}`; \
+             run the same Lockstep release on both sides",
+            config.model.describe()
+        );
+    }
+    let mut chunks = client
+        .fetch_state(pb::StateRequest { state_version: reply.state_version })
+        .await
+        .context("fetching the initial state")?
+        .into_inner();
+    let mut asm = wire::StateAssembler::default();
+    while let Some(chunk) = chunks.message().await.context("receiving the initial state")? {
+        asm.push(chunk).map_err(|e| anyhow!("initial state: {e}"))?;
+    }
+    let bytes = asm.finish().map_err(|e| anyhow!("initial state: {e}"))?;
+    let (state, _) = TrainingState::from_bytes(network.layout(), &bytes).context("parsing the initial state")?;
+    Ok(Joined {
+        client,
+        reply,
+        config,
+        network,
+        state,
+    })
+}
