@@ -105,8 +105,13 @@ pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> 
             got: bytes.len() / 4,
         });
     }
-    for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    if cfg!(target_endian = "little") {
+        // One memcpy into the (aligned) destination; the source may be unaligned.
+        bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
+    } else {
+        for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+        }
     }
     Ok(())
 }
@@ -118,12 +123,19 @@ pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError>
     Ok(out)
 }
 
-/// Fails on the first NaN or infinity: a poisoned gradient must not reach the optimizer.
+/// Fails on a NaN or infinity: a poisoned gradient must not reach the optimizer.
 pub fn check_finite(values: &[f32]) -> Result<(), CodecError> {
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(CodecError::NonFinite(i)),
-        None => Ok(()),
+    // Branch-free scan (non-finite means all exponent bits set) that the compiler vectorises;
+    // the slow search for the index runs only when something is wrong.
+    const EXPONENT: u32 = 0x7f80_0000;
+    let any = values
+        .iter()
+        .fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXPONENT == EXPONENT));
+    if any == 0 {
+        return Ok(());
     }
+    let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(CodecError::NonFinite(i))
 }
 
 /// SHA-256 of a set of flat buffers, hex; replicas compare it to catch silent divergence.

@@ -184,7 +184,7 @@ fn stats(logits: &Tensor, labels: &Tensor, loss_sum: &Tensor) -> candle_core::Re
     })
 }
 
-/// A worker's trainable copy of the network: parameters as `Var`s on a device.
+/// A worker's trainable copy of the network: parameters as tensors on a device.
 pub struct Replica {
     network: Network,
     vars: Vec<Var>,
@@ -194,12 +194,13 @@ pub struct Replica {
 impl Replica {
     /// A replica with the given flat parameters on `device`.
     pub fn new(network: Network, flat: &[f32], device: Device) -> candle_core::Result<Self> {
-        let vars = network
-            .tensors_from_flat(flat, &device)?
-            .into_iter()
-            .map(|t| Var::from_tensor(&t))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { network, vars, device })
+        let mut r = Self {
+            network,
+            vars: Vec::new(),
+            device,
+        };
+        r.set_params(flat)?;
+        Ok(r)
     }
 
     /// The device the replica computes on.
@@ -212,27 +213,45 @@ impl Replica {
         &self.network
     }
 
-    /// Overwrites the parameters from a flat host buffer.
-    pub fn set_params(&self, flat: &[f32]) -> candle_core::Result<()> {
-        for (var, spec) in self.vars.iter().zip(self.network.layout()) {
-            let t = Tensor::from_slice(&flat[spec.range()], spec.shape.as_slice(), &self.device)?;
-            var.set(&t)?;
-        }
+    /// Replaces the parameters with a flat host buffer (one copy per tensor).
+    pub fn set_params(&mut self, flat: &[f32]) -> candle_core::Result<()> {
+        self.vars = self
+            .network
+            .layout()
+            .iter()
+            .map(|s| Var::from_slice(&flat[s.range()], s.shape.as_slice(), &self.device))
+            .collect::<candle_core::Result<_>>()?;
         Ok(())
     }
 
-    /// Overwrites the parameters from a flat tensor already on the device.
-    pub fn set_params_from_tensor(&self, flat: &Tensor) -> candle_core::Result<()> {
-        for (var, spec) in self.vars.iter().zip(self.network.layout()) {
-            let t = flat.narrow(0, spec.offset, spec.len())?.reshape(spec.shape.as_slice())?;
-            var.set(&t)?;
-        }
+    /// Replaces the parameters with a flat tensor already on the device.
+    pub fn set_params_from_tensor(&mut self, flat: &Tensor) -> candle_core::Result<()> {
+        self.vars = self
+            .network
+            .layout()
+            .iter()
+            .map(|s| Var::from_tensor(&flat.narrow(0, s.offset, s.len())?.reshape(s.shape.as_slice())?))
+            .collect::<candle_core::Result<_>>()?;
         Ok(())
     }
 
     /// Forward and backward on one batch: the gradient of the *summed* loss, flattened in
     /// layout order into one tensor on the device, plus the batch statistics.
+    ///
+    /// Fully connected networks with relu, leaky-relu, sigmoid or tanh use an explicit
+    /// backward pass (candle's generic autograd also computes the gradient of the input
+    /// batch, a third large matmul nobody needs, and allocates a zero tensor per node);
+    /// the others use autograd. Both give the same gradient up to rounding (see tests).
     pub fn gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
+        let c = &self.network.config;
+        if c.kind == ModelKind::Mlp && c.activation != Activation::Gelu {
+            self.mlp_gradient(x, y)
+        } else {
+            self.autograd_gradient(x, y)
+        }
+    }
+
+    fn autograd_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let logits = self.network.forward(&params, x)?;
         let n = y.dim(0)? as f64;
@@ -248,6 +267,55 @@ impl Replica {
         let flat = Tensor::cat(&parts, 0)?;
         let st = stats(&logits, y, &loss_sum)?;
         Ok((flat, st))
+    }
+
+    /// Explicit backward pass of a fully connected network.
+    fn mlp_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
+        let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_detached_tensor()).collect();
+        let layers = params.len() / 2;
+        // Forward, keeping each layer's input.
+        let mut inputs = Vec::with_capacity(layers);
+        let mut h = x.clone();
+        for l in 0..layers {
+            let z = h.matmul(&params[2 * l].t()?)?.broadcast_add(&params[2 * l + 1])?;
+            inputs.push(h);
+            h = if l + 1 < layers { self.network.activate(&z)? } else { z };
+        }
+        let logits = h;
+        // Summed cross-entropy and its gradient with respect to the logits: softmax - one-hot.
+        let classes = Tensor::arange(0u32, CLASSES as u32, &self.device)?.unsqueeze(0)?;
+        let one_hot = y.unsqueeze(1)?.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
+        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let loss_sum = (log_p.mul(&one_hot)?.sum_all()? * -1.0)?;
+        let mut dz = (log_p.exp()? - &one_hot)?;
+        let mut parts: Vec<Tensor> = Vec::with_capacity(2 * layers);
+        for l in (0..layers).rev() {
+            let input = &inputs[l];
+            parts.push(dz.sum(0)?);
+            parts.push(dz.t()?.matmul(input)?.flatten_all()?);
+            if l > 0 {
+                let da = dz.matmul(&params[2 * l])?;
+                dz = (da * self.activation_slope(input)?)?;
+            }
+        }
+        parts.reverse();
+        // Parts were pushed bias-then-weight per layer, so after reversing they are in
+        // layout order (weight, bias, weight, bias, ...).
+        let flat = Tensor::cat(&parts, 0)?;
+        let st = stats(&logits, y, &loss_sum)?;
+        Ok((flat, st))
+    }
+
+    /// The derivative of the activation, expressed through its output `a`.
+    fn activation_slope(&self, a: &Tensor) -> candle_core::Result<Tensor> {
+        let c = &self.network.config;
+        match c.activation {
+            Activation::Relu => a.gt(0f32)?.to_dtype(DType::F32),
+            Activation::LeakyRelu => a.gt(0f32)?.to_dtype(DType::F32)?.affine(1.0 - c.leaky_slope, c.leaky_slope),
+            Activation::Sigmoid => a.mul(&a.affine(-1.0, 1.0)?),
+            Activation::Tanh => a.sqr()?.affine(-1.0, 1.0),
+            Activation::Gelu => Err(candle_core::Error::Msg("gelu has no explicit backward".into())),
+        }
     }
 }
 
@@ -332,6 +400,26 @@ mod tests {
         let b = r.gradient(&x2, &y2).unwrap().0.to_vec1::<f32>().unwrap();
         for i in 0..whole.len() {
             assert!((whole[i] - (a[i] + b[i])).abs() <= 1e-4 * (1.0 + whole[i].abs()), "index {i}");
+        }
+    }
+
+    #[test]
+    fn explicit_backward_matches_autograd() {
+        for spec in ["mlp:30,20:relu", "mlp:30:sigmoid", "mlp:25:tanh", "mlp:40:leaky-relu=0.1", "linear"] {
+            let net = Network::new(&crate::config::ModelConfig::parse_spec(spec).unwrap());
+            let flat = net.init_params(11);
+            let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
+            let pixels: Vec<u8> = (0..5 * IMAGE_PIXELS).map(|i| (i * 13 % 256) as u8).collect();
+            let (x, y) = batch_tensors(&pixels, &[3, 1, 4, 1, 5], true, &Device::Cpu, &mut Vec::new()).unwrap();
+            let (a, sa) = r.mlp_gradient(&x, &y).unwrap();
+            let (b, sb) = r.autograd_gradient(&x, &y).unwrap();
+            let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            assert_eq!(a.len(), b.len());
+            for i in 0..a.len() {
+                assert!((a[i] - b[i]).abs() <= 1e-4 * (1.0 + b[i].abs()), "{spec} index {i}: {} vs {}", a[i], b[i]);
+            }
+            assert!((sa.loss_sum - sb.loss_sum).abs() < 1e-4 * sb.loss_sum, "{spec}");
+            assert_eq!(sa.correct, sb.correct);
         }
     }
 

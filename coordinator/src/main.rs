@@ -117,6 +117,7 @@ struct TrainArgs {
 }
 
 fn main() -> ExitCode {
+    lockstep_common::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

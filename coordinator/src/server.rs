@@ -17,6 +17,8 @@ use crate::service::{CoordinatorService, Shared};
 /// HTTP/2 flow-control windows: a gradient is hundreds of kilobytes to megabytes, and the
 /// 64 KiB default window would make every step wait on window updates.
 pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 frame size: a gradient crosses in a few frames instead of a few dozen 16 KiB ones.
+pub const FRAME_SIZE: u32 = 1024 * 1024;
 /// Connection-level window (all streams of one connection).
 pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
@@ -58,6 +60,7 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(10)));
     tonic::transport::Server::builder()
+        .max_frame_size(FRAME_SIZE)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)

@@ -41,7 +41,7 @@ pub fn validate_batch(b: &pb::Batch) -> Result<()> {
 /// number of steps applied.
 pub fn run_grpc(
     config: &JobConfig,
-    replica: &Replica,
+    replica: &mut Replica,
     mut params: Vec<f32>,
     mut optimizer: Optimizer,
     channels: StepChannels,

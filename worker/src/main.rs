@@ -48,6 +48,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    lockstep_common::tune_allocator();
     let args = Args::parse();
     if let Some(t) = args.threads {
         // candle's CPU kernels read the thread count from here; set before any thread starts.
@@ -115,7 +116,7 @@ fn run(args: Args) -> Result<()> {
         );
         let optimizer = Optimizer::with_state(config.optimizer.clone(), network.num_params(), state.optimizer)?;
         let dev = device.open()?;
-        let replica = Replica::new(network, &state.params, dev)?;
+        let mut replica = Replica::new(network, &state.params, dev)?;
         let (channels, reader) = stream::open(
             &mut client,
             reply.rank,
@@ -125,7 +126,7 @@ fn run(args: Args) -> Result<()> {
         .await?;
         let params = state.params;
         let compute = tokio::task::spawn_blocking(move || {
-            lockstep_worker::compute::run_grpc(&config, &replica, params, optimizer, channels)
+            lockstep_worker::compute::run_grpc(&config, &mut replica, params, optimizer, channels)
         });
         tokio::pin!(compute);
         tokio::pin!(reader);

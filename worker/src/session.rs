@@ -56,6 +56,7 @@ async fn connect(url: &str, token: &Token) -> Result<Client> {
         .with_context(|| format!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
+        .max_frame_size(1024 * 1024)
         .initial_stream_window_size(16 * 1024 * 1024)
         .initial_connection_window_size(64 * 1024 * 1024);
     let channel = endpoint.connect().await?;
