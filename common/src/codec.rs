@@ -116,6 +116,36 @@ pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> 
     Ok(())
 }
 
+/// The values of little-endian `f32` bytes: the bytes themselves when they are suitably
+/// aligned (no copy), else decoded into `scratch`, which must have the expected length.
+pub fn f32_view<'a>(bytes: &'a [u8], scratch: &'a mut [f32]) -> Result<&'a [f32], CodecError> {
+    if cfg!(target_endian = "little") && bytes.len() == scratch.len() * 4 {
+        if let Ok(view) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            return Ok(view);
+        }
+    }
+    decode_f32_into(bytes, scratch)?;
+    Ok(scratch)
+}
+
+/// Adds little-endian `f32` bytes element-wise into `acc` (the reducer's inner loop, without
+/// an intermediate decoded copy).
+pub fn add_f32_bytes(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
+    if bytes.len() % 4 != 0 {
+        return Err(CodecError::Ragged(bytes.len()));
+    }
+    if bytes.len() / 4 != acc.len() {
+        return Err(CodecError::WrongLength {
+            expected: acc.len(),
+            got: bytes.len() / 4,
+        });
+    }
+    for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
+        *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}
+
 /// Decodes little-endian `f32` bytes that must hold exactly `expected` values.
 pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
     let mut out = vec![0.0; expected];
@@ -172,6 +202,22 @@ mod tests {
             Err(CodecError::WrongLength { expected: 3, got: 2 })
         );
         assert_eq!(check_finite(&[1.0, f32::NAN]), Err(CodecError::NonFinite(1)));
+    }
+
+    #[test]
+    fn views_and_sums_read_the_bytes_directly() {
+        let values = [1.0f32, -2.5, 3.25];
+        let bytes = encode_f32(&values);
+        let mut scratch = [0.0f32; 3];
+        assert_eq!(f32_view(&bytes, &mut scratch).unwrap(), &values);
+        // An unaligned view falls back to decoding.
+        let mut shifted = vec![0u8; 1];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(f32_view(&shifted[1..], &mut scratch).unwrap(), &values);
+        let mut acc = [1.0f32, 1.0, 1.0];
+        add_f32_bytes(&mut acc, &bytes).unwrap();
+        assert_eq!(acc, [2.0, -1.5, 4.25]);
+        assert!(add_f32_bytes(&mut acc, &bytes[..8]).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Parameter names and shapes are PyTorch's (`fc1.weight` is `[out, in]`), so
 //! `model.safetensors` loads into the equivalent `torch.nn.Module` with `load_state_dict`.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Storage, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -184,6 +184,50 @@ fn stats(logits: &Tensor, labels: &Tensor, loss_sum: &Tensor) -> candle_core::Re
     })
 }
 
+/// A gradient as one flattened tensor per parameter, in layout order.
+pub struct Gradient {
+    parts: Vec<Tensor>,
+}
+
+impl Gradient {
+    /// The whole gradient as one flat tensor on its device (for device-side all-reduce).
+    pub fn to_flat_tensor(&self) -> candle_core::Result<Tensor> {
+        Tensor::cat(&self.parts, 0)
+    }
+
+    /// The whole gradient as little-endian `f32` bytes, copied once from the tensors.
+    pub fn to_bytes(&self) -> candle_core::Result<Vec<u8>> {
+        let len: usize = self.parts.iter().map(|p| p.elem_count()).sum();
+        let mut out = Vec::with_capacity(len * 4);
+        for p in &self.parts {
+            append_f32_bytes(p, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The whole gradient as host `f32` values.
+    pub fn to_vec(&self) -> candle_core::Result<Vec<f32>> {
+        self.to_flat_tensor()?.to_vec1::<f32>()
+    }
+}
+
+/// Appends a tensor's values as little-endian `f32` bytes; contiguous CPU tensors are copied
+/// straight from their storage.
+pub fn append_f32_bytes(t: &Tensor, out: &mut Vec<u8>) -> candle_core::Result<()> {
+    if cfg!(target_endian = "little") && t.is_contiguous() && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let Storage::Cpu(cpu) = &*storage {
+            let all = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            out.extend_from_slice(bytemuck::cast_slice(&all[start..start + t.elem_count()]));
+            return Ok(());
+        }
+    }
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    out.extend_from_slice(&crate::codec::encode_f32(&values));
+    Ok(())
+}
+
 /// A worker's trainable copy of the network: parameters as tensors on a device.
 pub struct Replica {
     network: Network,
@@ -242,7 +286,7 @@ impl Replica {
     /// backward pass (candle's generic autograd also computes the gradient of the input
     /// batch, a third large matmul nobody needs, and allocates a zero tensor per node);
     /// the others use autograd. Both give the same gradient up to rounding (see tests).
-    pub fn gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
+    pub fn gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
         let c = &self.network.config;
         if c.kind == ModelKind::Mlp && c.activation != Activation::Gelu {
             self.mlp_gradient(x, y)
@@ -251,7 +295,7 @@ impl Replica {
         }
     }
 
-    fn autograd_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
+    fn autograd_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let logits = self.network.forward(&params, x)?;
         let n = y.dim(0)? as f64;
@@ -264,13 +308,12 @@ impl Replica {
                 None => parts.push(Tensor::zeros(spec.len(), DType::F32, &self.device)?),
             }
         }
-        let flat = Tensor::cat(&parts, 0)?;
         let st = stats(&logits, y, &loss_sum)?;
-        Ok((flat, st))
+        Ok((Gradient { parts }, st))
     }
 
     /// Explicit backward pass of a fully connected network.
-    fn mlp_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, BatchStats)> {
+    fn mlp_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_detached_tensor()).collect();
         let layers = params.len() / 2;
         // Forward, keeping each layer's input.
@@ -301,9 +344,8 @@ impl Replica {
         parts.reverse();
         // Parts were pushed bias-then-weight per layer, so after reversing they are in
         // layout order (weight, bias, weight, bias, ...).
-        let flat = Tensor::cat(&parts, 0)?;
         let st = stats(&logits, y, &loss_sum)?;
-        Ok((flat, st))
+        Ok((Gradient { parts }, st))
     }
 
     /// The derivative of the activation, expressed through its output `a`.
@@ -378,7 +420,8 @@ mod tests {
             let pixels: Vec<u8> = (0..3 * IMAGE_PIXELS).map(|i| (i % 251) as u8).collect();
             let (x, y) = batch_tensors(&pixels, &[1, 7, 3], true, &Device::Cpu, &mut Vec::new()).unwrap();
             let (g, st) = replica.gradient(&x, &y).unwrap();
-            assert_eq!(g.dims1().unwrap(), net.num_params(), "{p}");
+            assert_eq!(g.to_vec().unwrap().len(), net.num_params(), "{p}");
+            assert_eq!(g.to_bytes().unwrap(), crate::codec::encode_f32(&g.to_vec().unwrap()));
             assert_eq!(st.samples, 3);
             assert!(st.loss_sum > 0.0);
         }
@@ -393,11 +436,11 @@ mod tests {
         let labels = [0u8, 5, 9, 2];
         let mut s = Vec::new();
         let (x, y) = batch_tensors(&pixels, &labels, true, &Device::Cpu, &mut s).unwrap();
-        let whole = r.gradient(&x, &y).unwrap().0.to_vec1::<f32>().unwrap();
+        let whole = r.gradient(&x, &y).unwrap().0.to_vec().unwrap();
         let (x1, y1) = batch_tensors(&pixels[..2 * IMAGE_PIXELS], &labels[..2], true, &Device::Cpu, &mut s).unwrap();
         let (x2, y2) = batch_tensors(&pixels[2 * IMAGE_PIXELS..], &labels[2..], true, &Device::Cpu, &mut s).unwrap();
-        let a = r.gradient(&x1, &y1).unwrap().0.to_vec1::<f32>().unwrap();
-        let b = r.gradient(&x2, &y2).unwrap().0.to_vec1::<f32>().unwrap();
+        let a = r.gradient(&x1, &y1).unwrap().0.to_vec().unwrap();
+        let b = r.gradient(&x2, &y2).unwrap().0.to_vec().unwrap();
         for i in 0..whole.len() {
             assert!((whole[i] - (a[i] + b[i])).abs() <= 1e-4 * (1.0 + whole[i].abs()), "index {i}");
         }
@@ -413,7 +456,7 @@ mod tests {
             let (x, y) = batch_tensors(&pixels, &[3, 1, 4, 1, 5], true, &Device::Cpu, &mut Vec::new()).unwrap();
             let (a, sa) = r.mlp_gradient(&x, &y).unwrap();
             let (b, sb) = r.autograd_gradient(&x, &y).unwrap();
-            let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
             assert_eq!(a.len(), b.len());
             for i in 0..a.len() {
                 assert!((a[i] - b[i]).abs() <= 1e-4 * (1.0 + b[i].abs()), "{spec} index {i}: {} vs {}", a[i], b[i]);

@@ -469,26 +469,36 @@ impl Engine {
     async fn reduce_and_apply(&mut self, reports: Vec<StepReport>, here: Here) -> Result<()> {
         let len = self.params.len();
         let mut sum = vec![0.0f32; len];
-        let mut part = vec![0.0f32; len];
         let mut global = 0u32;
         // Rank order, always: floating-point addition is not associative, and every run must
         // add the same numbers in the same order to be reproducible.
         for (rank, r) in reports.iter().enumerate() {
             let data = r.gradient.as_ref().expect("gRPC mode reports carry gradients");
             self.bytes_moved += data.len() as u64;
-            codec::decode_f32_into(data, &mut part)
-                .and_then(|_| codec::check_finite(&part))
-                .with_context(|| {
-                    format!(
-                        "{} sent a malformed gradient {}",
+            codec::add_f32_bytes(&mut sum, data).with_context(|| {
+                format!(
+                    "{} sent a malformed gradient {}",
+                    self.shared.describe(rank as u32),
+                    self.where_text(here)
+                )
+            })?;
+            global += r.stats.samples;
+        }
+        // A finite sum means every part was finite; only on failure find the culprit.
+        if codec::check_finite(&sum).is_err() {
+            let mut part = vec![0.0f32; len];
+            for (rank, r) in reports.iter().enumerate() {
+                let data = r.gradient.as_ref().expect("gRPC mode reports carry gradients");
+                codec::decode_f32_into(data, &mut part)?;
+                if let Err(e) = codec::check_finite(&part) {
+                    bail!(
+                        "{} sent a malformed gradient ({e}) {}",
                         self.shared.describe(rank as u32),
                         self.where_text(here)
-                    )
-                })?;
-            for (s, p) in sum.iter_mut().zip(&part) {
-                *s += p;
+                    );
+                }
             }
-            global += r.stats.samples;
+            bail!("the summed gradient overflowed {}", self.where_text(here));
         }
         let n = global.max(1) as f32;
         for s in &mut sum {

@@ -55,11 +55,11 @@ pub fn run_grpc(
         let id = batch.id.unwrap_or_default();
         let started = Instant::now();
         let (gradient, stats) = if batch.count == 0 {
-            (vec![0.0; len], BatchStats::default())
+            (codec::encode_f32(&vec![0.0; len]), BatchStats::default())
         } else {
             let (x, y) = batch_tensors(&batch.pixels, &batch.labels, config.normalize, replica.device(), &mut scratch)?;
             let (g, stats) = replica.gradient(&x, &y)?;
-            (g.to_vec1::<f32>()?, stats)
+            (g.to_bytes()?, stats)
         };
         let compute_ms = started.elapsed().as_secs_f32() * 1000.0;
         let msg = pb::Gradient {
@@ -67,7 +67,7 @@ pub fn run_grpc(
             samples: stats.samples,
             loss_sum: stats.loss_sum,
             correct: stats.correct,
-            data: Bytes::from(codec::encode_f32(&gradient)),
+            data: Bytes::from(gradient),
             compute_ms,
         };
         if channels
@@ -94,10 +94,10 @@ pub fn run_grpc(
                 rid.step + 1
             );
         }
-        codec::decode_f32_into(&reduced.data, &mut average)
-            .and_then(|_| codec::check_finite(&average))
+        let average = codec::f32_view(&reduced.data, &mut average)
+            .and_then(|avg| codec::check_finite(avg).map(|_| avg))
             .context("the average gradient from the coordinator")?;
-        optimizer.step(&mut params, &average);
+        optimizer.step(&mut params, average);
         replica.set_params(&params)?;
         steps += 1;
         if id.step % config.cluster.digest_every as u64 == 0 || batch.last_of_epoch {
