@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor payloads as `bytes::Bytes`: decoded without a copy, and one reduced gradient
         // is shared by every worker's outbound message.
         .bytes(".")
+        // Encode/decode buffers sized for gradients (see wire::WireCodec).
+        .codec_path("crate::wire::WireCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

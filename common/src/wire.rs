@@ -6,7 +6,45 @@ pub mod pb {
     tonic::include_proto!("lockstep.v1");
 }
 
+use std::marker::PhantomData;
+
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::ProstCodec;
+
 use crate::codec::TensorSpec;
+
+/// Initial size of a stream's encode/decode buffer: a whole `mlp` gradient fits, so encoding
+/// one does not grow (and copy) the buffer several times as tonic's 8 KiB default does.
+const CODEC_BUFFER: usize = 1024 * 1024;
+
+/// The protobuf codec of every Lockstep RPC: tonic's prost codec with larger buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct WireCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for WireCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for WireCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+    type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(CODEC_BUFFER, CODEC_BUFFER))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<T, U>::raw_decoder(BufferSettings::new(CODEC_BUFFER, CODEC_BUFFER))
+    }
+}
 
 pub use pb::coordinator_client::CoordinatorClient;
 pub use pb::coordinator_server::{Coordinator, CoordinatorServer};

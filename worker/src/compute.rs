@@ -50,6 +50,7 @@ pub fn run_grpc(
     let mut average = vec![0.0f32; len];
     let mut scratch = Vec::new();
     let mut steps = 0;
+    let (mut compute_s, mut wait_s, mut apply_s) = (0.0f64, 0.0f64, 0.0f64);
     while let Ok(batch) = channels.batches.recv() {
         validate_batch(&batch)?;
         let id = batch.id.unwrap_or_default();
@@ -77,7 +78,12 @@ pub fn run_grpc(
         {
             bail!("the step stream closed while sending the gradient of epoch {} step {}", id.epoch + 1, id.step + 1);
         }
-        let Ok(reduced) = channels.reduced.recv() else {
+        let sent = Instant::now();
+        compute_s += (sent - started).as_secs_f64();
+        let reduced = channels.reduced.recv();
+        let received = Instant::now();
+        wait_s += (received - sent).as_secs_f64();
+        let Ok(reduced) = reduced else {
             bail!(
                 "the step stream ended while waiting for the average gradient of epoch {} step {}",
                 id.epoch + 1,
@@ -99,6 +105,7 @@ pub fn run_grpc(
             .context("the average gradient from the coordinator")?;
         optimizer.step(&mut params, average);
         replica.set_params(&params)?;
+        apply_s += received.elapsed().as_secs_f64();
         steps += 1;
         if id.step % config.cluster.digest_every as u64 == 0 || batch.last_of_epoch {
             let mut buffers: Vec<&[f32]> = vec![&params];
@@ -106,6 +113,15 @@ pub fn run_grpc(
             let msg = pb::Digest { id: Some(id), sha256: digest(&buffers) };
             let _ = channels.out.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Digest(msg)) });
         }
+    }
+    if steps > 0 {
+        let per = |s: f64| s * 1000.0 / steps as f64;
+        tracing::info!(
+            "{steps} steps: {:.3} ms/step computing gradients, {:.3} ms/step waiting for the all-reduce, {:.3} ms/step applying it",
+            per(compute_s),
+            per(wait_s),
+            per(apply_s)
+        );
     }
     Ok(steps)
 }
