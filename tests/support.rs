@@ -1,1 +1,195 @@
+//! Helpers for the integration tests: find the release binaries, run `lockstep train` as a
+//! real process on loopback with the real MNIST files, and read what it wrote.
+//!
+//! The binaries come from `cargo build --release` (the README's test command builds them
+//! first); the dataset from `../shared/data/mnist` beside the repository, or
+//! `$LOCKSTEP_TEST_DATA`.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The folder holding the release binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/release/deps/<test> -> target/release
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for name in ["lockstep", "lockstep-worker"] {
+        assert!(
+            dir.join(name).exists(),
+            "{} is missing: build the binaries first with `cargo build --release` (the README's test command does)",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+/// Path of the `lockstep` binary.
+pub fn lockstep() -> PathBuf {
+    bin_dir().join("lockstep")
+}
+
+/// Path of the `lockstep-worker` binary.
+pub fn worker() -> PathBuf {
+    bin_dir().join("lockstep-worker")
+}
+
+/// The real MNIST files.
+pub fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LOCKSTEP_TEST_DATA") {
+        return PathBuf::from(d);
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/mnist");
+    assert!(
+        dir.join("train-images-idx3-ubyte.gz").exists(),
+        "MNIST not found at {} (set LOCKSTEP_TEST_DATA to a folder with the four files)",
+        dir.display()
+    );
+    dir
+}
+
+/// A `lockstep train` command with the test data (through `LOCKSTEP_DATA_DIR`, so a test can
+/// still pass `--data-dir`) and a given run directory.
+pub fn train_command(out: &Path) -> Command {
+    let mut cmd = Command::new(lockstep());
+    cmd.arg("train")
+        .env("LOCKSTEP_DATA_DIR", data_dir())
+        .arg("--out")
+        .arg(out)
+        .env_remove("LOCKSTEP_TOKEN")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a command to completion, failing the test if it takes longer than `limit`.
+pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_with_limit(child, limit)
+}
+
+/// Waits for a spawned child (with piped output), killing it and failing after `limit`.
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(o) = stdout.as_mut() {
+            let _ = o.read_to_end(&mut s);
+        }
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_end(&mut s);
+        }
+        s
+    });
+    let status: ExitStatus = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).to_string();
+            panic!("command did not finish within {limit:?} (hang?); stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Standard error as text.
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The lines of `metrics.jsonl`.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
+        .collect()
+}
+
+/// `summary.json`.
+pub fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary.json"))
+        .expect("JSON")
+}
+
+/// The tensors of a safetensors file as (name, shape, values).
+pub fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).expect("safetensors file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(&n).expect("tensor");
+            let values = lockstep_common::codec::decode_f32(t.data(), t.shape().iter().product())
+                .expect("f32 data");
+            (n, t.shape().to_vec(), values)
+        })
+        .collect()
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid we started and a standard signal number.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Waits until `path` contains `needle`, up to `limit`; returns the file's text.
+pub fn wait_for_text(path: &Path, needle: &str, limit: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "`{needle}` did not appear in {} within {limit:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pid a worker logged in its `joined as rank` line (`host/pid N`).
+pub fn worker_pid_from_log(log: &str) -> u32 {
+    let after = log.split("pid ").nth(1).expect("worker log names its pid");
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|d| d.parse().ok())
+        .expect("pid number")
+}

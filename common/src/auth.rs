@@ -70,14 +70,14 @@ impl Token {
 
     /// A tonic interceptor for servers: refuses any request without this token.
     pub fn server_check(&self, request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing job token (authorization metadata); set LOCKSTEP_TOKEN to the job's token"))?;
-        let presented = header
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <token>`"))?;
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing job token (authorization metadata); set LOCKSTEP_TOKEN to the job's token",
+            )
+        })?;
+        let presented = header.as_bytes().strip_prefix(b"Bearer ").ok_or_else(|| {
+            Status::unauthenticated("authorization metadata must be `Bearer <token>`")
+        })?;
         if self.matches(presented) {
             Ok(request)
         } else {
@@ -115,8 +115,14 @@ mod tests {
         let t = Token::new("abc").unwrap();
         let req = t.client_attach(Request::new(())).unwrap();
         assert!(t.server_check(req).is_ok());
-        let other = Token::new("abd").unwrap().client_attach(Request::new(())).unwrap();
-        assert_eq!(t.server_check(other).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let other = Token::new("abd")
+            .unwrap()
+            .client_attach(Request::new(()))
+            .unwrap();
+        assert_eq!(
+            t.server_check(other).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         assert!(t.server_check(Request::new(())).is_err());
     }
 }

@@ -41,7 +41,13 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32]) -> Result<Vec<u8>> {
     let data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
         .iter()
-        .map(|s| (s.name.clone(), f32_bytes(&params[s.range()]), s.shape.clone()))
+        .map(|s| {
+            (
+                s.name.clone(),
+                f32_bytes(&params[s.range()]),
+                s.shape.clone(),
+            )
+        })
         .collect();
     let views = data
         .iter()
@@ -55,7 +61,13 @@ impl TrainingState {
     pub fn to_bytes(&self, layout: &[TensorSpec], config_toml: &str) -> Result<Vec<u8>> {
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
             .iter()
-            .map(|s| (s.name.clone(), f32_bytes(&self.params[s.range()]), s.shape.clone()))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    f32_bytes(&self.params[s.range()]),
+                    s.shape.clone(),
+                )
+            })
             .collect();
         for (name, buf) in &self.optimizer.buffers {
             data.push((format!("optimizer.{name}"), f32_bytes(buf), vec![buf.len()]));
@@ -68,10 +80,18 @@ impl TrainingState {
         meta.insert("format".to_string(), "lockstep-checkpoint-v1".to_string());
         meta.insert("epoch".to_string(), self.position.epoch.to_string());
         meta.insert("step".to_string(), self.position.step.to_string());
-        meta.insert("optimizer_step".to_string(), self.optimizer.step.to_string());
+        meta.insert(
+            "optimizer_step".to_string(),
+            self.optimizer.step.to_string(),
+        );
         meta.insert(
             "optimizer_buffers".to_string(),
-            self.optimizer.buffers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(","),
+            self.optimizer
+                .buffers
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
         );
         meta.insert("config".to_string(), config_toml.to_string());
         Ok(safetensors::serialize(views, Some(meta))?)
@@ -80,12 +100,14 @@ impl TrainingState {
     /// Parses a state, checking every tensor against `layout`. Returns the state and the
     /// configuration stored with it.
     pub fn from_bytes(layout: &[TensorSpec], bytes: &[u8]) -> Result<(Self, String)> {
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).context("reading the state header")?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).context("reading the state header")?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some("lockstep-checkpoint-v1") {
             bail!("not a Lockstep checkpoint (format metadata missing)");
         }
-        let tensors = safetensors::SafeTensors::deserialize(bytes).context("reading the state tensors")?;
+        let tensors =
+            safetensors::SafeTensors::deserialize(bytes).context("reading the state tensors")?;
         let num = |k: &str| -> Result<u64> {
             meta.get(k)
                 .ok_or_else(|| anyhow!("checkpoint metadata lacks `{k}`"))?
@@ -111,9 +133,17 @@ impl TrainingState {
             params[s.range()].copy_from_slice(&read(&s.name, &s.shape)?);
         }
         let mut buffers = Vec::new();
-        for name in meta.get("optimizer_buffers").map(String::as_str).unwrap_or("").split(',') {
+        for name in meta
+            .get("optimizer_buffers")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
             if !name.is_empty() {
-                buffers.push((name.to_string(), read(&format!("optimizer.{name}"), &[len])?));
+                buffers.push((
+                    name.to_string(),
+                    read(&format!("optimizer.{name}"), &[len])?,
+                ));
             }
         }
         let state = TrainingState {
@@ -141,7 +171,8 @@ impl TrainingState {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -157,7 +188,10 @@ mod tests {
             params: (0..8).map(|i| i as f32 * 0.5).collect(),
             optimizer: OptimizerState {
                 step: 7,
-                buffers: vec![("exp_avg".into(), vec![1.0; 8]), ("exp_avg_sq".into(), vec![2.0; 8])],
+                buffers: vec![
+                    ("exp_avg".into(), vec![1.0; 8]),
+                    ("exp_avg_sq".into(), vec![2.0; 8]),
+                ],
             },
             position: Position { epoch: 2, step: 0 },
         };
@@ -166,7 +200,9 @@ mod tests {
         assert_eq!(back, state);
         assert_eq!(cfg, "seed = 1");
         let other = pack_layout(&[("fc.weight", vec![3, 2]), ("fc.bias", vec![2])]);
-        let err = TrainingState::from_bytes(&other, &bytes).unwrap_err().to_string();
+        let err = TrainingState::from_bytes(&other, &bytes)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fc.weight"), "{err}");
         assert!(TrainingState::from_bytes(&layout, &bytes[..bytes.len() - 3]).is_err());
     }

@@ -96,7 +96,7 @@ pub fn encode_f32(values: &[f32]) -> Vec<u8> {
 
 /// Decodes little-endian `f32` bytes into `out`, which must already have the expected length.
 pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(CodecError::Ragged(bytes.len()));
     }
     if bytes.len() / 4 != out.len() {
@@ -131,7 +131,7 @@ pub fn f32_view<'a>(bytes: &'a [u8], scratch: &'a mut [f32]) -> Result<&'a [f32]
 /// Adds little-endian `f32` bytes element-wise into `acc` (the reducer's inner loop, without
 /// an intermediate decoded copy).
 pub fn add_f32_bytes(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(CodecError::Ragged(bytes.len()));
     }
     if bytes.len() / 4 != acc.len() {
@@ -158,9 +158,9 @@ pub fn check_finite(values: &[f32]) -> Result<(), CodecError> {
     // Branch-free scan (non-finite means all exponent bits set) that the compiler vectorises;
     // the slow search for the index runs only when something is wrong.
     const EXPONENT: u32 = 0x7f80_0000;
-    let any = values
-        .iter()
-        .fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXPONENT == EXPONENT));
+    let any = values.iter().fold(0u32, |acc, v| {
+        acc | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+    });
     if any == 0 {
         return Ok(());
     }
@@ -184,7 +184,15 @@ mod tests {
 
     #[test]
     fn round_trip_is_bit_exact() {
-        let values = vec![0.0, -0.0, 1.5, -3.25e-12, f32::MAX, f32::MIN_POSITIVE, 7.0e20];
+        let values = vec![
+            0.0,
+            -0.0,
+            1.5,
+            -3.25e-12,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            7.0e20,
+        ];
         let bytes = encode_f32(&values);
         assert_eq!(bytes.len(), values.len() * 4);
         assert_eq!(&bytes[8..12], &1.5f32.to_le_bytes());
@@ -199,9 +207,15 @@ mod tests {
         assert_eq!(decode_f32(&[0u8; 7], 2), Err(CodecError::Ragged(7)));
         assert_eq!(
             decode_f32(&[0u8; 8], 3),
-            Err(CodecError::WrongLength { expected: 3, got: 2 })
+            Err(CodecError::WrongLength {
+                expected: 3,
+                got: 2
+            })
         );
-        assert_eq!(check_finite(&[1.0, f32::NAN]), Err(CodecError::NonFinite(1)));
+        assert_eq!(
+            check_finite(&[1.0, f32::NAN]),
+            Err(CodecError::NonFinite(1))
+        );
     }
 
     #[test]

@@ -70,9 +70,9 @@ impl FromStr for Activation {
             "tanh" => Activation::Tanh,
             "leaky-relu" | "leaky_relu" | "leakyrelu" => Activation::LeakyRelu,
             "gelu" => Activation::Gelu,
-            other => bail!(
-                "unknown activation `{other}`: use relu, sigmoid, tanh, leaky-relu or gelu"
-            ),
+            other => {
+                bail!("unknown activation `{other}`: use relu, sigmoid, tanh, leaky-relu or gelu")
+            }
         })
     }
 }
@@ -150,7 +150,9 @@ impl ModelConfig {
                 Some((n, s)) => (n, Some(s)),
                 None => (act, None),
             };
-            model.activation = name.parse().map_err(|e: anyhow::Error| bad(e.to_string()))?;
+            model.activation = name
+                .parse()
+                .map_err(|e: anyhow::Error| bad(e.to_string()))?;
             if let Some(s) = slope {
                 model.leaky_slope = s
                     .parse()
@@ -268,6 +270,8 @@ pub struct JobConfig {
     pub normalize: bool,
     /// Compute threads per worker; 0 picks cores / workers for local workers.
     pub threads: u32,
+    /// Train on only the first N training images (0: all 60,000), for quick experiments.
+    pub train_samples: u32,
     /// The network.
     pub model: ModelConfig,
     /// The optimizer.
@@ -330,6 +334,7 @@ impl JobConfig {
             listen: "127.0.0.1:0".to_string(),
             normalize: true,
             threads: 0,
+            train_samples: 0,
             model,
             optimizer,
             cluster: ClusterConfig {
@@ -374,16 +379,24 @@ impl JobConfig {
             bail!("learning rate must be a positive number, got {}", o.lr);
         }
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            bail!("Adam betas must be in [0, 1), got {} and {}", o.beta1, o.beta2);
+            bail!(
+                "Adam betas must be in [0, 1), got {} and {}",
+                o.beta1,
+                o.beta2
+            );
         }
         if !(o.eps.is_finite() && o.eps > 0.0) {
             bail!("Adam eps must be positive, got {}", o.eps);
         }
-        if !(o.momentum.is_finite() && o.momentum >= 0.0) || !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !(non_negative(o.momentum) && non_negative(o.weight_decay)) {
             bail!("momentum and weight_decay must be non-negative");
         }
         if self.model.hidden.contains(&0) {
-            bail!("hidden layer widths must be positive, got {:?}", self.model.hidden);
+            bail!(
+                "hidden layer widths must be positive, got {:?}",
+                self.model.hidden
+            );
         }
         let c = &self.cluster;
         if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
@@ -401,11 +414,7 @@ impl JobConfig {
 
     /// Fingerprint of what a worker must agree with: the network and its input transform.
     pub fn model_fingerprint(&self) -> String {
-        let canonical = format!(
-            "{}|normalize={}",
-            self.model.describe(),
-            self.normalize
-        );
+        let canonical = format!("{}|normalize={}", self.model.describe(), self.normalize);
         hex::encode(&Sha256::digest(canonical.as_bytes())[..8])
     }
 }
@@ -442,7 +451,12 @@ pub struct Overrides {
 }
 
 /// Environment variables that start with `LOCKSTEP_` but are not configuration keys.
-const NON_CONFIG_ENV: [&str; 4] = ["LOCKSTEP_TOKEN", "LOCKSTEP_TOKEN_FILE", "LOCKSTEP_LOG", "LOCKSTEP_CUDA_TESTS"];
+const NON_CONFIG_ENV: [&str; 4] = [
+    "LOCKSTEP_TOKEN",
+    "LOCKSTEP_TOKEN_FILE",
+    "LOCKSTEP_LOG",
+    "LOCKSTEP_CUDA_TESTS",
+];
 
 /// Resolves the job configuration from all layers, reading the process environment.
 pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<JobConfig> {
@@ -488,7 +502,8 @@ pub fn load_with_env(
         .unwrap_or_else(|| "mlp".to_string());
     let defaults = JobConfig::preset(&preset)?;
 
-    let default_layer = config::Config::try_from(&defaults).context("building default configuration")?;
+    let default_layer =
+        config::Config::try_from(&defaults).context("building default configuration")?;
     let mut builder = config::Config::builder().add_source(default_layer);
     if let (Some(text), Some(path)) = (&file_text, file) {
         builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
@@ -512,7 +527,10 @@ pub fn load_with_env(
         let m = ModelConfig::parse_spec(spec)?;
         builder = builder
             .set_override("model.kind", serde_plain(&m.kind))?
-            .set_override("model.hidden", m.hidden.iter().map(|&h| h as i64).collect::<Vec<_>>())?
+            .set_override(
+                "model.hidden",
+                m.hidden.iter().map(|&h| h as i64).collect::<Vec<_>>(),
+            )?
             .set_override("model.activation", serde_plain(&m.activation))?
             .set_override("model.leaky_slope", m.leaky_slope)?;
     }
@@ -603,7 +621,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -611,9 +632,15 @@ mod tests {
         for p in PRESETS {
             let cfg = JobConfig::preset(p).unwrap();
             cfg.validate().unwrap();
-            assert_eq!(JobConfig::from_toml_str(&cfg.to_toml_string()).unwrap(), cfg);
+            assert_eq!(
+                JobConfig::from_toml_str(&cfg.to_toml_string()).unwrap(),
+                cfg
+            );
         }
-        assert!(JobConfig::preset("resnet").unwrap_err().to_string().contains("mlp-leaky"));
+        assert!(JobConfig::preset("resnet")
+            .unwrap_err()
+            .to_string()
+            .contains("mlp-leaky"));
     }
 
     #[test]
@@ -631,7 +658,11 @@ mod tests {
         assert_eq!(cfg.epochs, 4, "file");
         assert_eq!(cfg.optimizer.lr, 0.5);
 
-        let e = env(&[("LOCKSTEP_EPOCHS", "6"), ("LOCKSTEP_OPTIMIZER__LR", "0.25"), ("LOCKSTEP_MODEL__HIDDEN", "30,20")]);
+        let e = env(&[
+            ("LOCKSTEP_EPOCHS", "6"),
+            ("LOCKSTEP_OPTIMIZER__LR", "0.25"),
+            ("LOCKSTEP_MODEL__HIDDEN", "30,20"),
+        ]);
         let cfg = load_with_env(Some(&path), &Overrides::default(), &e).unwrap();
         assert_eq!(cfg.epochs, 6, "env beats file");
         assert_eq!(cfg.optimizer.lr, 0.25);
@@ -664,8 +695,15 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused_with_the_reason() {
-        let err = load_with_env(None, &Overrides { preset: Some("nope".into()), ..Default::default() }, &[])
-            .unwrap_err();
+        let err = load_with_env(
+            None,
+            &Overrides {
+                preset: Some("nope".into()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("unknown preset `nope`"), "{err}");
 
         let flags = Overrides {
@@ -674,12 +712,18 @@ mod tests {
             ..Default::default()
         };
         let err = load_with_env(None, &flags, &[]).unwrap_err();
-        assert!(err.to_string().contains("smaller than the worker count"), "{err}");
+        assert!(
+            err.to_string().contains("smaller than the worker count"),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.toml");
         std::fs::write(&path, "[optimiser]\nlr = 1\n").unwrap();
-        let err = format!("{:#}", load_with_env(Some(&path), &Overrides::default(), &[]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load_with_env(Some(&path), &Overrides::default(), &[]).unwrap_err()
+        );
         assert!(err.contains("unknown key `optimiser`"), "{err}");
 
         assert!(ModelConfig::parse_spec("mlp:10,x").is_err());

@@ -74,7 +74,9 @@ pub enum IdxError {
     #[error("not an unsigned-byte IDX file (magic bytes {0:02x?}, expected 00 00 08 NN)")]
     BadMagic([u8; 4]),
     /// Header and payload disagree in size.
-    #[error("header promises {expected} data bytes but the file has {got} (file truncated or corrupt)")]
+    #[error(
+        "header promises {expected} data bytes but the file has {got} (file truncated or corrupt)"
+    )]
     WrongSize {
         /// Bytes the header dimensions imply.
         expected: usize,
@@ -128,7 +130,10 @@ pub fn parse_idx(bytes: &[u8]) -> Result<IdxArray, IdxError> {
             u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
         })
         .collect();
-    let expected = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .unwrap_or(usize::MAX);
     let got = bytes.len() - header;
     if expected != got {
         return Err(IdxError::WrongSize { expected, got });
@@ -215,11 +220,14 @@ fn load_file(dir: &Path, f: &MnistFile) -> Result<Vec<u8>> {
     };
     let what = || format!("reading {}", path.display());
     let bytes = std::fs::read(&path).with_context(what)?;
-    let idx_bytes = maybe_gunzip(bytes)
-        .with_context(what)
-        .with_context(|| "delete the file to re-download it, or replace it with a good copy".to_string())?;
+    let idx_bytes = maybe_gunzip(bytes).with_context(what).with_context(|| {
+        "delete the file to re-download it, or replace it with a good copy".to_string()
+    })?;
     let arr = parse_idx(&idx_bytes).with_context(|| {
-        format!("{}: delete it to re-download, or replace it with a good copy", what())
+        format!(
+            "{}: delete it to re-download, or replace it with a good copy",
+            what()
+        )
     })?;
     if arr.dims != f.dims {
         bail!(
@@ -260,7 +268,8 @@ pub fn cache_dir() -> PathBuf {
 
 /// Downloads the missing MNIST files into `dir`, checking each against its published MD5.
 pub fn download(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating the MNIST cache {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the MNIST cache {}", dir.display()))?;
     for f in &FILES {
         let target = dir.join(format!("{}.gz", f.name));
         if target.exists() || dir.join(f.name).exists() {
@@ -366,14 +375,20 @@ mod tests {
         let raw = idx(&[2, 3], &[1, 2, 3, 4, 5, 6]);
         assert!(matches!(
             parse_idx(&raw[..raw.len() - 1]),
-            Err(IdxError::WrongSize { expected: 6, got: 5 })
+            Err(IdxError::WrongSize {
+                expected: 6,
+                got: 5
+            })
         ));
         assert!(matches!(parse_idx(&raw[..6]), Err(IdxError::NoHeader(6))));
         let mut bad = raw.clone();
         bad[2] = 0x0d; // float IDX, not u8
         assert!(matches!(parse_idx(&bad), Err(IdxError::BadMagic(_))));
         let gz = gzip(&raw);
-        assert!(matches!(maybe_gunzip(gz[..gz.len() / 2].to_vec()), Err(IdxError::Gzip(_))));
+        assert!(matches!(
+            maybe_gunzip(gz[..gz.len() / 2].to_vec()),
+            Err(IdxError::Gzip(_))
+        ));
         let mut flipped = gz.clone();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0xff;
@@ -384,9 +399,16 @@ mod tests {
     fn missing_and_corrupt_dataset_errors_say_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let err = format!("{:#}", Mnist::load(dir.path()).err().unwrap());
-        assert!(err.contains("not found") && err.contains("--data-dir"), "{err}");
+        assert!(
+            err.contains("not found") && err.contains("--data-dir"),
+            "{err}"
+        );
 
-        std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx(&[1, 28, 28], &[0; 784])).unwrap();
+        std::fs::write(
+            dir.path().join("train-images-idx3-ubyte"),
+            idx(&[1, 28, 28], &[0; 784]),
+        )
+        .unwrap();
         let err = format!("{:#}", Mnist::load(dir.path()).err().unwrap());
         assert!(err.contains("dimensions [1, 28, 28]"), "{err}");
     }

@@ -36,7 +36,11 @@ impl Network {
                     .windows(2)
                     .enumerate()
                     .flat_map(|(i, w)| {
-                        let name = if single { "fc".to_string() } else { format!("fc{}", i + 1) };
+                        let name = if single {
+                            "fc".to_string()
+                        } else {
+                            format!("fc{}", i + 1)
+                        };
                         [
                             (format!("{name}.weight"), vec![w[1], w[0]]),
                             (format!("{name}.bias"), vec![w[1]]),
@@ -55,7 +59,10 @@ impl Network {
                 ("fc2.bias".into(), vec![10]),
             ],
         };
-        let borrowed: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+        let borrowed: Vec<(&str, Vec<usize>)> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone()))
+            .collect();
         Self {
             config: config.clone(),
             layout: pack_layout(&borrowed),
@@ -135,7 +142,11 @@ impl Network {
     }
 
     /// Builds plain tensors from a flat buffer, in layout order.
-    pub fn tensors_from_flat(&self, flat: &[f32], device: &Device) -> candle_core::Result<Vec<Tensor>> {
+    pub fn tensors_from_flat(
+        &self,
+        flat: &[f32],
+        device: &Device,
+    ) -> candle_core::Result<Vec<Tensor>> {
         self.layout
             .iter()
             .map(|s| Tensor::from_slice(&flat[s.range()], s.shape.as_slice(), device))
@@ -274,7 +285,13 @@ impl Replica {
             .network
             .layout()
             .iter()
-            .map(|s| Var::from_tensor(&flat.narrow(0, s.offset, s.len())?.reshape(s.shape.as_slice())?))
+            .map(|s| {
+                Var::from_tensor(
+                    &flat
+                        .narrow(0, s.offset, s.len())?
+                        .reshape(s.shape.as_slice())?,
+                )
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok(())
     }
@@ -295,7 +312,11 @@ impl Replica {
         }
     }
 
-    fn autograd_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
+    fn autograd_gradient(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> candle_core::Result<(Gradient, BatchStats)> {
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let logits = self.network.forward(&params, x)?;
         let n = y.dim(0)? as f64;
@@ -320,14 +341,23 @@ impl Replica {
         let mut inputs = Vec::with_capacity(layers);
         let mut h = x.clone();
         for l in 0..layers {
-            let z = h.matmul(&params[2 * l].t()?)?.broadcast_add(&params[2 * l + 1])?;
+            let z = h
+                .matmul(&params[2 * l].t()?)?
+                .broadcast_add(&params[2 * l + 1])?;
             inputs.push(h);
-            h = if l + 1 < layers { self.network.activate(&z)? } else { z };
+            h = if l + 1 < layers {
+                self.network.activate(&z)?
+            } else {
+                z
+            };
         }
         let logits = h;
         // Summed cross-entropy and its gradient with respect to the logits: softmax - one-hot.
         let classes = Tensor::arange(0u32, CLASSES as u32, &self.device)?.unsqueeze(0)?;
-        let one_hot = y.unsqueeze(1)?.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
+        let one_hot = y
+            .unsqueeze(1)?
+            .broadcast_eq(&classes)?
+            .to_dtype(DType::F32)?;
         let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let loss_sum = (log_p.mul(&one_hot)?.sum_all()? * -1.0)?;
         let mut dz = (log_p.exp()? - &one_hot)?;
@@ -353,10 +383,15 @@ impl Replica {
         let c = &self.network.config;
         match c.activation {
             Activation::Relu => a.gt(0f32)?.to_dtype(DType::F32),
-            Activation::LeakyRelu => a.gt(0f32)?.to_dtype(DType::F32)?.affine(1.0 - c.leaky_slope, c.leaky_slope),
+            Activation::LeakyRelu => a
+                .gt(0f32)?
+                .to_dtype(DType::F32)?
+                .affine(1.0 - c.leaky_slope, c.leaky_slope),
             Activation::Sigmoid => a.mul(&a.affine(-1.0, 1.0)?),
             Activation::Tanh => a.sqr()?.affine(-1.0, 1.0),
-            Activation::Gelu => Err(candle_core::Error::Msg("gelu has no explicit backward".into())),
+            Activation::Gelu => Err(candle_core::Error::Msg(
+                "gelu has no explicit backward".into(),
+            )),
         }
     }
 }
@@ -402,9 +437,22 @@ mod tests {
     fn layouts_have_pytorch_names_and_shapes() {
         let mlp = Network::new(&JobConfig::preset("mlp").unwrap().model);
         let names: Vec<&str> = mlp.layout().iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]);
+        assert_eq!(
+            names,
+            [
+                "fc1.weight",
+                "fc1.bias",
+                "fc2.weight",
+                "fc2.bias",
+                "fc3.weight",
+                "fc3.bias"
+            ]
+        );
         assert_eq!(mlp.layout()[0].shape, vec![100, 784]);
-        assert_eq!(mlp.num_params(), 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10);
+        assert_eq!(
+            mlp.num_params(),
+            784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+        );
         let soft = Network::new(&JobConfig::preset("softmax").unwrap().model);
         assert_eq!(soft.layout()[0].name, "fc.weight");
         let cnn = Network::new(&JobConfig::preset("cnn").unwrap().model);
@@ -418,10 +466,14 @@ mod tests {
             let flat = net.init_params(1);
             let replica = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
             let pixels: Vec<u8> = (0..3 * IMAGE_PIXELS).map(|i| (i % 251) as u8).collect();
-            let (x, y) = batch_tensors(&pixels, &[1, 7, 3], true, &Device::Cpu, &mut Vec::new()).unwrap();
+            let (x, y) =
+                batch_tensors(&pixels, &[1, 7, 3], true, &Device::Cpu, &mut Vec::new()).unwrap();
             let (g, st) = replica.gradient(&x, &y).unwrap();
             assert_eq!(g.to_vec().unwrap().len(), net.num_params(), "{p}");
-            assert_eq!(g.to_bytes().unwrap(), crate::codec::encode_f32(&g.to_vec().unwrap()));
+            assert_eq!(
+                g.to_bytes().unwrap(),
+                crate::codec::encode_f32(&g.to_vec().unwrap())
+            );
             assert_eq!(st.samples, 3);
             assert!(st.loss_sum > 0.0);
         }
@@ -437,31 +489,71 @@ mod tests {
         let mut s = Vec::new();
         let (x, y) = batch_tensors(&pixels, &labels, true, &Device::Cpu, &mut s).unwrap();
         let whole = r.gradient(&x, &y).unwrap().0.to_vec().unwrap();
-        let (x1, y1) = batch_tensors(&pixels[..2 * IMAGE_PIXELS], &labels[..2], true, &Device::Cpu, &mut s).unwrap();
-        let (x2, y2) = batch_tensors(&pixels[2 * IMAGE_PIXELS..], &labels[2..], true, &Device::Cpu, &mut s).unwrap();
+        let (x1, y1) = batch_tensors(
+            &pixels[..2 * IMAGE_PIXELS],
+            &labels[..2],
+            true,
+            &Device::Cpu,
+            &mut s,
+        )
+        .unwrap();
+        let (x2, y2) = batch_tensors(
+            &pixels[2 * IMAGE_PIXELS..],
+            &labels[2..],
+            true,
+            &Device::Cpu,
+            &mut s,
+        )
+        .unwrap();
         let a = r.gradient(&x1, &y1).unwrap().0.to_vec().unwrap();
         let b = r.gradient(&x2, &y2).unwrap().0.to_vec().unwrap();
         for i in 0..whole.len() {
-            assert!((whole[i] - (a[i] + b[i])).abs() <= 1e-4 * (1.0 + whole[i].abs()), "index {i}");
+            assert!(
+                (whole[i] - (a[i] + b[i])).abs() <= 1e-4 * (1.0 + whole[i].abs()),
+                "index {i}"
+            );
         }
     }
 
     #[test]
     fn explicit_backward_matches_autograd() {
-        for spec in ["mlp:30,20:relu", "mlp:30:sigmoid", "mlp:25:tanh", "mlp:40:leaky-relu=0.1", "linear"] {
+        for spec in [
+            "mlp:30,20:relu",
+            "mlp:30:sigmoid",
+            "mlp:25:tanh",
+            "mlp:40:leaky-relu=0.1",
+            "linear",
+        ] {
             let net = Network::new(&crate::config::ModelConfig::parse_spec(spec).unwrap());
             let flat = net.init_params(11);
             let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
-            let pixels: Vec<u8> = (0..5 * IMAGE_PIXELS).map(|i| (i * 13 % 256) as u8).collect();
-            let (x, y) = batch_tensors(&pixels, &[3, 1, 4, 1, 5], true, &Device::Cpu, &mut Vec::new()).unwrap();
+            let pixels: Vec<u8> = (0..5 * IMAGE_PIXELS)
+                .map(|i| (i * 13 % 256) as u8)
+                .collect();
+            let (x, y) = batch_tensors(
+                &pixels,
+                &[3, 1, 4, 1, 5],
+                true,
+                &Device::Cpu,
+                &mut Vec::new(),
+            )
+            .unwrap();
             let (a, sa) = r.mlp_gradient(&x, &y).unwrap();
             let (b, sb) = r.autograd_gradient(&x, &y).unwrap();
             let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
             assert_eq!(a.len(), b.len());
             for i in 0..a.len() {
-                assert!((a[i] - b[i]).abs() <= 1e-4 * (1.0 + b[i].abs()), "{spec} index {i}: {} vs {}", a[i], b[i]);
+                assert!(
+                    (a[i] - b[i]).abs() <= 1e-4 * (1.0 + b[i].abs()),
+                    "{spec} index {i}: {} vs {}",
+                    a[i],
+                    b[i]
+                );
             }
-            assert!((sa.loss_sum - sb.loss_sum).abs() < 1e-4 * sb.loss_sum, "{spec}");
+            assert!(
+                (sa.loss_sum - sb.loss_sum).abs() < 1e-4 * sb.loss_sum,
+                "{spec}"
+            );
             assert_eq!(sa.correct, sb.correct);
         }
     }

@@ -35,7 +35,10 @@ impl Optimizer {
             OptimizerKind::Sgd => &[],
             OptimizerKind::Adam => &["exp_avg", "exp_avg_sq"],
         };
-        let buffers = names.iter().map(|n| (n.to_string(), vec![0.0; len])).collect();
+        let buffers = names
+            .iter()
+            .map(|n| (n.to_string(), vec![0.0; len]))
+            .collect();
         Self {
             config,
             state: OptimizerState { step: 0, buffers },
@@ -45,13 +48,21 @@ impl Optimizer {
     /// Restores an optimizer from saved state, checking it fits the configuration.
     pub fn with_state(config: OptimizerConfig, len: usize, state: OptimizerState) -> Result<Self> {
         let fresh = Self::new(config, len);
-        let want: Vec<&str> = fresh.state.buffers.iter().map(|(n, _)| n.as_str()).collect();
+        let want: Vec<&str> = fresh
+            .state
+            .buffers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
         let got: Vec<&str> = state.buffers.iter().map(|(n, _)| n.as_str()).collect();
         if want != got {
             bail!("optimizer state has buffers {got:?}, this optimizer needs {want:?}");
         }
         if let Some((name, b)) = state.buffers.iter().find(|(_, b)| b.len() != len) {
-            bail!("optimizer buffer {name} has {} values, the model has {len} parameters", b.len());
+            bail!(
+                "optimizer buffer {name} has {} values, the model has {len} parameters",
+                b.len()
+            );
         }
         Ok(Self {
             config: fresh.config,
@@ -66,7 +77,11 @@ impl Optimizer {
 
     /// Applies one update to `params` from the averaged gradient `grad`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
-        assert_eq!(params.len(), grad.len(), "gradient and parameters differ in length");
+        assert_eq!(
+            params.len(),
+            grad.len(),
+            "gradient and parameters differ in length"
+        );
         self.state.step += 1;
         let c = &self.config;
         let wd = c.weight_decay as f32;
@@ -124,7 +139,13 @@ impl AdamStep {
     /// One fused pass over the buffers. Uses AVX when the processor has it: the same IEEE
     /// operations (no fused multiply-add) in wider registers, so the result is bit-identical to
     /// the portable loop and replicas on different machines still agree.
-    fn apply<const DECAY: bool>(&self, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    fn apply<const DECAY: bool>(
+        &self,
+        params: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx") {
             // SAFETY: the processor supports AVX (checked just above).
@@ -136,16 +157,33 @@ impl AdamStep {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx")]
-    unsafe fn apply_avx<const DECAY: bool>(&self, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    unsafe fn apply_avx<const DECAY: bool>(
+        &self,
+        params: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
         self.apply_portable::<DECAY>(params, grad, m, v);
     }
 
     /// Zipped iterators (no bounds checks) and the weight-decay branch hoisted out, so the
     /// compiler vectorises the loop.
     #[inline(always)]
-    fn apply_portable<const DECAY: bool>(&self, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    fn apply_portable<const DECAY: bool>(
+        &self,
+        params: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
         let (b1, b2, one_b1, one_b2) = (self.b1, self.b2, 1.0 - self.b1, 1.0 - self.b2);
-        for (((p, &g0), m), v) in params.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        for (((p, &g0), m), v) in params
+            .iter_mut()
+            .zip(grad)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+        {
             let g = if DECAY { g0 + self.wd * *p } else { g0 };
             *m = b1 * *m + one_b1 * g;
             *v = b2 * *v + one_b2 * g * g;
@@ -208,7 +246,11 @@ mod tests {
         let m_hat = 0.28f64 / (1.0 - 0.81);
         let v_hat = 0.004996f64 / (1.0 - 0.998001);
         let expected = 0.999 - 0.001 * m_hat / (v_hat.sqrt() + 1e-8);
-        assert!((p[0] as f64 - expected).abs() < 1e-6, "{} vs {expected}", p[0]);
+        assert!(
+            (p[0] as f64 - expected).abs() < 1e-6,
+            "{} vs {expected}",
+            p[0]
+        );
         let names: Vec<&str> = o.state().buffers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["exp_avg", "exp_avg_sq"]);
     }
@@ -216,8 +258,17 @@ mod tests {
     #[test]
     fn the_wide_and_portable_adam_loops_agree_bit_for_bit() {
         let n = 1003;
-        let grad: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
-        let h = AdamStep { b1: 0.9, b2: 0.999, step_size: 1e-3 / 0.1, bias2_sqrt: 0.001f32.sqrt(), eps: 1e-8, wd: 0.01 };
+        let grad: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect();
+        let h = AdamStep {
+            b1: 0.9,
+            b2: 0.999,
+            step_size: 1e-3 / 0.1,
+            bias2_sqrt: 0.001f32.sqrt(),
+            eps: 1e-8,
+            wd: 0.01,
+        };
         let mut a = (vec![0.5f32; n], vec![0.1f32; n], vec![0.2f32; n]);
         let mut b = a.clone();
         h.apply::<true>(&mut a.0, &grad, &mut a.1, &mut a.2);

@@ -43,6 +43,13 @@ pub fn split(len: usize, world: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// Whether every replica reports a digest of its state after step `step`: every
+/// `digest_every` steps and after the last step of each epoch. Coordinator and workers must
+/// agree on this, so it lives in one place.
+pub fn digest_due(step: u64, digest_every: u32, last_of_epoch: bool) -> bool {
+    last_of_epoch || step.is_multiple_of(digest_every.max(1) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

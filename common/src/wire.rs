@@ -127,7 +127,9 @@ impl StateAssembler {
             ));
         }
         if total > crate::MAX_STATE_BYTES {
-            return Err(format!("state of {total} bytes is larger than any model Lockstep builds"));
+            return Err(format!(
+                "state of {total} bytes is larger than any model Lockstep builds"
+            ));
         }
         if chunk.offset != self.buf.len() as u64 {
             return Err(format!(
@@ -162,7 +164,9 @@ mod tests {
 
     #[test]
     fn state_chunks_reassemble_and_gaps_are_refused() {
-        let bytes: Vec<u8> = (0..(crate::STATE_CHUNK_BYTES * 2 + 17)).map(|i| i as u8).collect();
+        let bytes: Vec<u8> = (0..(crate::STATE_CHUNK_BYTES * 2 + 17))
+            .map(|i| i as u8)
+            .collect();
         let chunks = state_chunks(&bytes, 1, 2);
         assert_eq!(chunks.len(), 3);
         let mut asm = StateAssembler::default();

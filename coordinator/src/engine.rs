@@ -133,7 +133,10 @@ impl Engine {
     async fn train(&mut self) -> Result<Summary> {
         self.wait_for_workers().await?;
         let cfg = self.shared.config.clone();
-        let n_train = self.data.train_len();
+        let n_train = match cfg.train_samples as usize {
+            0 => self.data.train_len(),
+            n => n.min(self.data.train_len()),
+        };
         let batch = cfg.batch_size as usize;
         let steps = schedule::steps_per_epoch(n_train, batch) as u64;
         let mut last: Option<EpochMetrics> = None;
@@ -159,19 +162,28 @@ impl Engine {
                 }
                 if cfg.backend == Backend::Grpc {
                     self.reduce_and_apply(reports, here).await?;
-                    if step % cfg.cluster.digest_every as u64 == 0 || step + 1 == steps {
+                    if schedule::digest_due(step, cfg.cluster.digest_every, step + 1 == steps) {
                         let d = digest(&self.replica_buffers());
                         self.own_digests.insert((epoch, step), d);
                     }
                     self.check_digests()?;
                 }
-                progress.update(step + 1, totals.samples as u64, totals.loss_sum / totals.samples.max(1) as f64);
+                progress.update(
+                    step + 1,
+                    totals.samples as u64,
+                    totals.loss_sum / totals.samples.max(1) as f64,
+                );
             }
             progress.finish();
             let epoch_seconds = epoch_started.elapsed().as_secs_f64();
             train_seconds += epoch_seconds;
             if cfg.backend == Backend::Nccl {
-                self.receive_pushed_state(Here { epoch, step: steps, steps }).await?;
+                self.receive_pushed_state(Here {
+                    epoch,
+                    step: steps,
+                    steps,
+                })
+                .await?;
             }
             let eval_started = Instant::now();
             let test = self.evaluate().await?;
@@ -179,11 +191,17 @@ impl Engine {
             let state = TrainingState {
                 params: self.params.clone(),
                 optimizer: self.optimizer.state().clone(),
-                position: Position { epoch: epoch + 1, step: 0 },
+                position: Position {
+                    epoch: epoch + 1,
+                    step: 0,
+                },
             };
-            let path = self
-                .run
-                .save_checkpoint(epoch + 1, &state, &self.shared.layout, &self.shared.config_toml)?;
+            let path = self.run.save_checkpoint(
+                epoch + 1,
+                &state,
+                &self.shared.layout,
+                &self.shared.config_toml,
+            )?;
             self.last_checkpoint = Some(path);
             let m = EpochMetrics {
                 epoch: epoch + 1,
@@ -230,14 +248,31 @@ impl Engine {
             seed: cfg.seed,
             params_sha256: digest(&[&self.params]),
         };
-        self.run.finish(&self.shared.layout, &self.params, &summary)?;
+        self.run
+            .finish(&self.shared.layout, &self.params, &summary)?;
         Ok(summary)
     }
 
     fn replica_buffers(&self) -> Vec<&[f32]> {
         let mut v: Vec<&[f32]> = vec![&self.params];
-        v.extend(self.optimizer.state().buffers.iter().map(|(_, b)| b.as_slice()));
+        v.extend(
+            self.optimizer
+                .state()
+                .buffers
+                .iter()
+                .map(|(_, b)| b.as_slice()),
+        );
         v
+    }
+
+    fn describe_process(&self, index: usize, pid: u32) -> String {
+        match self.shared.rank_of_pid(pid) {
+            Some(rank) => format!(
+                "{} (local worker process {index})",
+                self.shared.describe(rank)
+            ),
+            None => format!("local worker process {index} (pid {pid})"),
+        }
     }
 
     fn where_text(&self, here: Here) -> String {
@@ -265,13 +300,21 @@ impl Engine {
                         *slot = Some(tx);
                     }
                 }
-                Ok(Some(Event::ProcessExited { index, detail })) => {
-                    bail!("worker process {index} exited before training started: {detail}")
+                Ok(Some(Event::ProcessExited { index, pid, detail })) => {
+                    bail!(
+                        "{} exited before training started: {detail}",
+                        self.describe_process(index, pid)
+                    )
                 }
                 Ok(Some(Event::StreamClosed { rank, reason })) => {
-                    bail!("{} disconnected before training started: {reason}", self.shared.describe(rank))
+                    bail!(
+                        "{} disconnected before training started: {reason}",
+                        self.shared.describe(rank)
+                    )
                 }
-                Ok(Some(Event::Interrupted(sig))) => bail!("interrupted by {sig} while waiting for workers"),
+                Ok(Some(Event::Interrupted(sig))) => {
+                    bail!("interrupted by {sig} while waiting for workers")
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => bail!("the coordinator's event queue closed"),
                 Err(_) => {
@@ -290,7 +333,12 @@ impl Engine {
         Ok(())
     }
 
-    async fn send(&mut self, rank: usize, kind: pb::coordinator_message::Kind, here: Here) -> Result<()> {
+    async fn send(
+        &mut self,
+        rank: usize,
+        kind: pb::coordinator_message::Kind,
+        here: Here,
+    ) -> Result<()> {
         let tx = &self.txs[rank];
         if tx
             .send(Ok(pb::CoordinatorMessage { kind: Some(kind) }))
@@ -306,7 +354,14 @@ impl Engine {
         Ok(())
     }
 
-    async fn send_batches(&mut self, perm: &[u32], epoch: u64, step: u64, steps: u64, here: Here) -> Result<()> {
+    async fn send_batches(
+        &mut self,
+        perm: &[u32],
+        epoch: u64,
+        step: u64,
+        steps: u64,
+        here: Here,
+    ) -> Result<()> {
         let batch = self.shared.config.batch_size as usize;
         let range = schedule::step_range(perm.len(), batch, step as usize);
         let global = range.len() as u32;
@@ -317,7 +372,9 @@ impl Engine {
             let mut labels = Vec::with_capacity(indices.len());
             for &i in indices {
                 let i = i as usize;
-                pixels.extend_from_slice(&self.data.train_images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]);
+                pixels.extend_from_slice(
+                    &self.data.train_images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS],
+                );
                 labels.push(self.data.train_labels[i]);
             }
             self.bytes_moved += (pixels.len() + labels.len()) as u64;
@@ -329,7 +386,8 @@ impl Engine {
                 labels: Bytes::from(labels),
                 last_of_epoch: step + 1 == steps,
             };
-            self.send(rank, pb::coordinator_message::Kind::Batch(msg), here).await?;
+            self.send(rank, pb::coordinator_message::Kind::Batch(msg), here)
+                .await?;
         }
         Ok(())
     }
@@ -363,8 +421,9 @@ impl Engine {
                 self.shared.describe(rank),
                 self.where_text(here)
             ),
-            Event::ProcessExited { index, detail } => bail!(
-                "worker process {index} exited ({detail}) {}",
+            Event::ProcessExited { index, pid, detail } => bail!(
+                "{} exited ({detail}) {}",
+                self.describe_process(index, pid),
                 self.where_text(here)
             ),
             Event::Interrupted(sig) => bail!("interrupted by {sig} {}", self.where_text(here)),
@@ -431,24 +490,42 @@ impl Engine {
                 Some(pb::worker_message::Kind::Gradient(g)) => (
                     g.id.unwrap_or_default(),
                     StepReport {
-                        stats: BatchStats { loss_sum: g.loss_sum, correct: g.correct, samples: g.samples },
+                        stats: BatchStats {
+                            loss_sum: g.loss_sum,
+                            correct: g.correct,
+                            samples: g.samples,
+                        },
                         gradient: Some(g.data),
                     },
                 ),
                 Some(pb::worker_message::Kind::StepDone(d)) => (
                     d.id.unwrap_or_default(),
                     StepReport {
-                        stats: BatchStats { loss_sum: d.loss_sum, correct: d.correct, samples: d.samples },
+                        stats: BatchStats {
+                            loss_sum: d.loss_sum,
+                            correct: d.correct,
+                            samples: d.samples,
+                        },
                         gradient: None,
                     },
                 ),
                 other => {
-                    self.handle_other(Event::Message { rank, msg: pb::WorkerMessage { kind: other } }, here)?;
+                    self.handle_other(
+                        Event::Message {
+                            rank,
+                            msg: pb::WorkerMessage { kind: other },
+                        },
+                        here,
+                    )?;
                     continue;
                 }
             };
             if id.epoch != here.epoch || id.step != here.step || id.membership_epoch != membership {
-                tracing::debug!("dropping a stale report from rank {rank} for epoch {} step {}", id.epoch, id.step);
+                tracing::debug!(
+                    "dropping a stale report from rank {rank} for epoch {} step {}",
+                    id.epoch,
+                    id.step
+                );
                 continue;
             }
             match reports.get_mut(rank as usize) {
@@ -467,42 +544,24 @@ impl Engine {
     /// Sums the ranks' gradients in rank order, averages over the global batch, sends the
     /// average to every rank and applies it to the coordinator's replica.
     async fn reduce_and_apply(&mut self, reports: Vec<StepReport>, here: Here) -> Result<()> {
-        let len = self.params.len();
-        let mut sum = vec![0.0f32; len];
-        let mut global = 0u32;
-        // Rank order, always: floating-point addition is not associative, and every run must
-        // add the same numbers in the same order to be reproducible.
-        for (rank, r) in reports.iter().enumerate() {
-            let data = r.gradient.as_ref().expect("gRPC mode reports carry gradients");
-            self.bytes_moved += data.len() as u64;
-            codec::add_f32_bytes(&mut sum, data).with_context(|| {
-                format!(
-                    "{} sent a malformed gradient {}",
-                    self.shared.describe(rank as u32),
-                    self.where_text(here)
-                )
-            })?;
-            global += r.stats.samples;
-        }
-        // A finite sum means every part was finite; only on failure find the culprit.
-        if codec::check_finite(&sum).is_err() {
-            let mut part = vec![0.0f32; len];
-            for (rank, r) in reports.iter().enumerate() {
-                let data = r.gradient.as_ref().expect("gRPC mode reports carry gradients");
-                codec::decode_f32_into(data, &mut part)?;
-                if let Err(e) = codec::check_finite(&part) {
-                    bail!(
-                        "{} sent a malformed gradient ({e}) {}",
-                        self.shared.describe(rank as u32),
-                        self.where_text(here)
-                    );
-                }
-            }
-            bail!("the summed gradient overflowed {}", self.where_text(here));
-        }
-        let n = global.max(1) as f32;
-        for s in &mut sum {
-            *s /= n;
+        let mut sum = vec![0.0f32; self.params.len()];
+        let parts: Vec<&[u8]> = reports
+            .iter()
+            .map(|r| {
+                r.gradient
+                    .as_deref()
+                    .expect("gRPC mode reports carry gradients")
+            })
+            .collect();
+        let samples: u32 = reports.iter().map(|r| r.stats.samples).sum();
+        self.bytes_moved += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        if let Err(bad) = crate::reducer::average_in_rank_order(&parts, samples, &mut sum) {
+            bail!(
+                "{} sent a malformed gradient ({}) {}",
+                self.shared.describe(bad.rank as u32),
+                bad.error,
+                self.where_text(here)
+            );
         }
         let encoded = Bytes::from(codec::encode_f32(&sum));
         let membership = self.shared.membership_epoch;
@@ -512,7 +571,8 @@ impl Engine {
                 id: Some(pb::StepId::new(here.epoch, here.step, membership)),
                 data: encoded.clone(),
             };
-            self.send(rank, pb::coordinator_message::Kind::Reduced(msg), here).await?;
+            self.send(rank, pb::coordinator_message::Kind::Reduced(msg), here)
+                .await?;
         }
         self.optimizer.step(&mut self.params, &sum);
         Ok(())
@@ -528,7 +588,10 @@ impl Engine {
                 Err(_) => {
                     self.check_liveness(here)?;
                     if tokio::time::Instant::now() > deadline {
-                        bail!("rank 0 did not upload its state within 120s after epoch {}", here.epoch + 1);
+                        bail!(
+                            "rank 0 did not upload its state within 120s after epoch {}",
+                            here.epoch + 1
+                        );
                     }
                     continue;
                 }
@@ -574,7 +637,11 @@ impl Engine {
     /// Waits until every rank's digest of the final step has matched the coordinator's.
     async fn await_final_digests(&mut self, steps: u64) -> Result<()> {
         let last_epoch = self.shared.config.epochs as u64 - 1;
-        let here = Here { epoch: last_epoch, step: steps - 1, steps };
+        let here = Here {
+            epoch: last_epoch,
+            step: steps - 1,
+            steps,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut confirmed = vec![false; self.txs.len()];
         loop {

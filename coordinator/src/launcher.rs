@@ -82,13 +82,17 @@ impl LocalWorkers {
                 .arg("--device")
                 .arg(&spec.devices[index])
                 .env(TOKEN_ENV, spec.token.expose())
-                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting {}", bin.display()))?;
+            let pid = child.id().unwrap_or(0);
             let events = events.clone();
             let mut stop_rx = stop_rx.clone();
             monitors.push(tokio::spawn(async move {
@@ -97,12 +101,12 @@ impl LocalWorkers {
                         let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                         if !*stop_rx.borrow() {
                             let detail = format!("{status}; last lines of {}:\n{}", log_path.display(), tail(&log_path, 6));
-                            let _ = events.send(Event::ProcessExited { index, detail });
+                            let _ = events.send(Event::ProcessExited { index, pid, detail });
                         }
                     }
                     _ = async { while !*stop_rx.borrow() { if stop_rx.changed().await.is_err() { break; } } } => {
-                        // Finished workers exit by themselves after `Finish`; give them a moment.
-                        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                        // Workers exit by themselves after `Finish` or `Abort`; give them a moment.
+                        if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
                             let _ = child.kill().await;
                         }
                     }

@@ -5,6 +5,7 @@
 //!
 //! - [`service`]: the gRPC surface (`Join`, `FetchState`, `Train`, …) and membership.
 //! - [`engine`]: the training loop that drives every step.
+//! - [`reducer`]: the rank-order gradient average.
 //! - [`launcher`]: spawns local `lockstep-worker` processes.
 //! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary).
 //! - [`progress`]: the per-epoch progress bar or log lines.
@@ -14,6 +15,7 @@
 pub mod engine;
 pub mod launcher;
 pub mod progress;
+pub mod reducer;
 pub mod run_dir;
 pub mod server;
 pub mod service;

@@ -13,7 +13,11 @@ use lockstep_common::config::{self, Overrides};
 use lockstep_coordinator::train::{self, Workers};
 
 #[derive(Parser)]
-#[command(name = "lockstep", version, about = "Synchronous data-parallel training on MNIST: the coordinator")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Synchronous data-parallel training on MNIST: the coordinator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,7 +163,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Health { addr } => {
             let serving = runtime.block_on(lockstep_coordinator::server::probe_health(&addr))?;
             println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
-            Ok(if serving { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if serving {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -47,7 +47,7 @@ impl EpochProgress {
         let rate = samples as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         match &self.bar {
             Some(bar) => {
-                if done % 16 == 0 || done == self.steps {
+                if done.is_multiple_of(16) || done == self.steps {
                     bar.set_position(done);
                     bar.set_message(format!("{rate:.0} samples/s loss {loss:.4}"));
                 }

@@ -90,7 +90,9 @@ impl RunDir {
             .with_context(|| format!("writing {}", root.join("config.toml").display()))?;
         std::fs::write(root.join("metrics.jsonl"), "")
             .with_context(|| format!("writing {}", root.join("metrics.jsonl").display()))?;
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     /// The directory.
@@ -105,7 +107,9 @@ impl RunDir {
 
     /// The checkpoint file of a finished epoch (numbered from 1).
     pub fn checkpoint_path(&self, epoch: u64) -> PathBuf {
-        self.root.join("checkpoints").join(format!("epoch-{epoch:04}.safetensors"))
+        self.root
+            .join("checkpoints")
+            .join(format!("epoch-{epoch:04}.safetensors"))
     }
 
     /// Appends one epoch's metrics.
@@ -115,7 +119,8 @@ impl RunDir {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(m)?).with_context(|| format!("writing {}", path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(m)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
@@ -134,7 +139,10 @@ impl RunDir {
 
     /// Writes the final model (PyTorch names) and the summary.
     pub fn finish(&self, layout: &[TensorSpec], params: &[f32], summary: &Summary) -> Result<()> {
-        write_atomic(&self.root.join("model.safetensors"), &params_to_bytes(layout, params)?)?;
+        write_atomic(
+            &self.root.join("model.safetensors"),
+            &params_to_bytes(layout, params)?,
+        )?;
         write_atomic(
             &self.root.join("summary.json"),
             serde_json::to_string_pretty(summary)?.as_bytes(),
@@ -187,7 +195,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(dir.path(), "seed = 1\n").unwrap();
         assert!(run.path().join("config.toml").exists());
-        let err = RunDir::create(dir.path(), "seed = 1\n").err().unwrap().to_string();
+        let err = RunDir::create(dir.path(), "seed = 1\n")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("already holds a run"), "{err}");
     }
 }

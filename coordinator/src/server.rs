@@ -88,8 +88,11 @@ pub async fn probe_health(addr: &str) -> Result<bool> {
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .with_context(|| format!("health check of {addr}"))?;
-    Ok(reply.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    Ok(reply.into_inner().status
+        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
 }

@@ -48,6 +48,8 @@ pub enum Event {
     ProcessExited {
         /// Index of the spawned worker (not necessarily its rank).
         index: usize,
+        /// Its process id.
+        pid: u32,
         /// Exit status and the tail of its log.
         detail: String,
     },
@@ -69,6 +71,8 @@ pub struct Member {
     pub device: String,
     /// Peer address.
     pub peer: String,
+    /// Process id the worker reported.
+    pub pid: u32,
     /// Set once its step stream is open.
     pub streaming: bool,
     /// Milliseconds since the coordinator started when it was last heard from.
@@ -101,6 +105,12 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// The rank of the admitted worker with process id `pid`, if any (local workers).
+    pub fn rank_of_pid(&self, pid: u32) -> Option<u32> {
+        let members = self.members.lock().expect("members lock");
+        members.iter().position(|m| m.pid == pid).map(|r| r as u32)
+    }
+
     /// A description of rank `rank` for error messages: `rank 1 (host:pid at 127.0.0.1:5555)`.
     pub fn describe(&self, rank: u32) -> String {
         let members = self.members.lock().expect("members lock");
@@ -127,7 +137,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl wire::Coordinator for CoordinatorService {
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -148,7 +161,11 @@ impl wire::Coordinator for CoordinatorService {
         }
         let ours = s.config.model_fingerprint();
         if !req.model_fingerprint.is_empty() && req.model_fingerprint != ours {
-            tracing::warn!("refused worker {} at {peer}: model {}", req.worker_id, req.model_description);
+            tracing::warn!(
+                "refused worker {} at {peer}: model {}",
+                req.worker_id,
+                req.model_description
+            );
             return Err(Status::failed_precondition(format!(
                 "model configuration mismatch: the worker was started for `{}` (fingerprint {}), the job trains `{}` \
                  (fingerprint {ours}); start the worker without a model setting, or with the job's",
@@ -176,10 +193,15 @@ impl wire::Coordinator for CoordinatorService {
             worker_id: req.worker_id.clone(),
             device: req.device.clone(),
             peer: peer.clone(),
+            pid: req.pid,
             streaming: false,
             last_seen_ms: Arc::new(AtomicU64::new(s.now_ms())),
         });
-        tracing::info!("worker {} ({}) at {peer} joined as rank {rank}", req.worker_id, req.device);
+        tracing::info!(
+            "worker {} ({}) at {peer} joined as rank {rank}",
+            req.worker_id,
+            req.device
+        );
         Ok(Response::new(pb::JoinReply {
             rank,
             world_size: s.config.workers,
@@ -200,7 +222,9 @@ impl wire::Coordinator for CoordinatorService {
     ) -> Result<Response<Self::FetchStateStream>, Status> {
         let bytes = self.shared.state_bytes.lock().expect("state lock").clone();
         let chunks = wire::state_chunks(&bytes, 0, 0);
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
     }
 
     type TrainStream = BoxStream<pb::CoordinatorMessage>;
@@ -215,7 +239,9 @@ impl wire::Coordinator for CoordinatorService {
             .await?
             .ok_or_else(|| Status::invalid_argument("the step stream must start with Hello"))?;
         let Some(pb::worker_message::Kind::Hello(hello)) = first.kind else {
-            return Err(Status::invalid_argument("the step stream must start with Hello"));
+            return Err(Status::invalid_argument(
+                "the step stream must start with Hello",
+            ));
         };
         let s = self.shared.clone();
         if hello.membership_epoch != s.membership_epoch {
@@ -227,10 +253,16 @@ impl wire::Coordinator for CoordinatorService {
         let last_seen = {
             let mut members = s.members.lock().expect("members lock");
             let Some(m) = members.get_mut(hello.rank as usize) else {
-                return Err(Status::failed_precondition(format!("rank {} has not joined", hello.rank)));
+                return Err(Status::failed_precondition(format!(
+                    "rank {} has not joined",
+                    hello.rank
+                )));
             };
             if m.streaming {
-                return Err(Status::already_exists(format!("rank {} already has a step stream", hello.rank)));
+                return Err(Status::already_exists(format!(
+                    "rank {} already has a step stream",
+                    hello.rank
+                )));
             }
             m.streaming = true;
             m.last_seen_ms.clone()
@@ -273,7 +305,10 @@ impl wire::Coordinator for CoordinatorService {
         Ok(Response::new(pb::PushStateReply {}))
     }
 
-    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveReply>, Status> {
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveReply>, Status> {
         let req = request.into_inner();
         let _ = self.shared.events.send(Event::StreamClosed {
             rank: req.rank,

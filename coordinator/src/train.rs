@@ -32,7 +32,10 @@ pub const EXTERNAL_LISTEN: &str = "0.0.0.0:50051";
 /// Runs a whole training job and returns its summary.
 pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
     let started = Instant::now();
-    if config.backend == Backend::Nccl && !cfg!(feature = "cuda") && matches!(workers, Workers::Local) {
+    if config.backend == Backend::Nccl
+        && !cfg!(feature = "cuda")
+        && matches!(workers, Workers::Local)
+    {
         bail!(
             "--backend nccl needs CUDA, but this lockstep was built without the `cuda` feature; rebuild with \
              `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use --backend grpc"
@@ -41,7 +44,10 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
     if matches!(workers, Workers::External(_)) && config.listen == "127.0.0.1:0" {
         config.listen = EXTERNAL_LISTEN.to_string();
     }
-    let run_path = config.out.clone().unwrap_or_else(|| default_run_path(&config.preset));
+    let run_path = config
+        .out
+        .clone()
+        .unwrap_or_else(|| default_run_path(&config.preset));
     config.out = Some(run_path.clone());
     let config_toml = config.to_toml_string();
     eprintln!("# effective configuration\n{config_toml}");
@@ -86,14 +92,21 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
         Workers::Local => (Token::generate(), true),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(crate::server::serve(listener, shared.clone(), token.clone(), stop_rx));
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        shared.clone(),
+        token.clone(),
+        stop_rx,
+    ));
 
     let signals = tokio::spawn(forward_signals(events_tx.clone()));
     let spawned = if local {
         let threads = if config.threads > 0 {
             config.threads
         } else {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u32;
+            let cores = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1) as u32;
             (cores / config.workers).max(1)
         };
         let devices = (0..config.workers)
@@ -108,7 +121,9 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
             token: &token,
             threads,
             devices,
-            logs: (0..config.workers as usize).map(|i| run.worker_log(i)).collect(),
+            logs: (0..config.workers as usize)
+                .map(|i| run.worker_log(i))
+                .collect(),
         };
         tracing::info!(
             "spawned {} local workers ({threads} compute thread(s) each), logs in {}",
@@ -151,7 +166,9 @@ async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { let _ = events.send(Event::Interrupted("Ctrl-C")); }
             _ = term.recv() => { let _ = events.send(Event::Interrupted("SIGTERM")); }

@@ -13,6 +13,7 @@ use lockstep_common::config::JobConfig;
 use lockstep_common::mnist::IMAGE_PIXELS;
 use lockstep_common::model::{batch_tensors, BatchStats, Replica};
 use lockstep_common::optim::Optimizer;
+use lockstep_common::schedule;
 use lockstep_common::wire::pb;
 
 use crate::stream::StepChannels;
@@ -32,7 +33,11 @@ pub fn validate_batch(b: &pb::Batch) -> Result<()> {
         bail!("malformed batch: label {l} is outside 0..=9");
     }
     if b.count > b.global_count {
-        bail!("malformed batch: local count {} exceeds global count {}", b.count, b.global_count);
+        bail!(
+            "malformed batch: local count {} exceeds global count {}",
+            b.count,
+            b.global_count
+        );
     }
     Ok(())
 }
@@ -58,7 +63,13 @@ pub fn run_grpc(
         let (gradient, stats) = if batch.count == 0 {
             (codec::encode_f32(&vec![0.0; len]), BatchStats::default())
         } else {
-            let (x, y) = batch_tensors(&batch.pixels, &batch.labels, config.normalize, replica.device(), &mut scratch)?;
+            let (x, y) = batch_tensors(
+                &batch.pixels,
+                &batch.labels,
+                config.normalize,
+                replica.device(),
+                &mut scratch,
+            )?;
             let (g, stats) = replica.gradient(&x, &y)?;
             (g.to_bytes()?, stats)
         };
@@ -73,10 +84,16 @@ pub fn run_grpc(
         };
         if channels
             .out
-            .send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Gradient(msg)) })
+            .send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Gradient(msg)),
+            })
             .is_err()
         {
-            bail!("the step stream closed while sending the gradient of epoch {} step {}", id.epoch + 1, id.step + 1);
+            bail!(
+                "the step stream closed while sending the gradient of epoch {} step {}",
+                id.epoch + 1,
+                id.step + 1
+            );
         }
         let sent = Instant::now();
         compute_s += (sent - started).as_secs_f64();
@@ -107,11 +124,16 @@ pub fn run_grpc(
         replica.set_params(&params)?;
         apply_s += received.elapsed().as_secs_f64();
         steps += 1;
-        if id.step % config.cluster.digest_every as u64 == 0 || batch.last_of_epoch {
+        if schedule::digest_due(id.step, config.cluster.digest_every, batch.last_of_epoch) {
             let mut buffers: Vec<&[f32]> = vec![&params];
             buffers.extend(optimizer.state().buffers.iter().map(|(_, b)| b.as_slice()));
-            let msg = pb::Digest { id: Some(id), sha256: digest(&buffers) };
-            let _ = channels.out.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Digest(msg)) });
+            let msg = pb::Digest {
+                id: Some(id),
+                sha256: digest(&buffers),
+            };
+            let _ = channels.out.send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Digest(msg)),
+            });
         }
     }
     if steps > 0 {

@@ -19,7 +19,11 @@ use lockstep_worker::session::{self, Introduction};
 use lockstep_worker::stream::{self, Outcome};
 
 #[derive(Parser)]
-#[command(name = "lockstep-worker", version, about = "Synchronous data-parallel training on MNIST: a worker")]
+#[command(
+    name = "lockstep-worker",
+    version,
+    about = "Synchronous data-parallel training on MNIST: a worker"
+)]
 struct Args {
     /// The coordinator's URL.
     #[arg(long, env = "LOCKSTEP_COORDINATOR", value_name = "URL")]
@@ -100,7 +104,13 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let joined = session::join(&args.coordinator, &token, &intro, Duration::from_secs(args.connect_timeout)).await?;
+        let joined = session::join(
+            &args.coordinator,
+            &token,
+            &intro,
+            Duration::from_secs(args.connect_timeout),
+        )
+        .await?;
         let session::Joined {
             mut client,
             reply,
@@ -109,12 +119,17 @@ fn run(args: Args) -> Result<()> {
             state,
         } = joined;
         tracing::info!(
-            "joined as rank {} of {}: {} on {device}",
+            "joined as rank {} of {} ({}): {} on {device}",
             reply.rank,
             reply.world_size,
+            session::worker_id(),
             config.model.describe()
         );
-        let optimizer = Optimizer::with_state(config.optimizer.clone(), network.num_params(), state.optimizer)?;
+        let optimizer = Optimizer::with_state(
+            config.optimizer.clone(),
+            network.num_params(),
+            state.optimizer,
+        )?;
         let dev = device.open()?;
         let mut replica = Replica::new(network, &state.params, dev)?;
         let (channels, reader) = stream::open(

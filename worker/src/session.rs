@@ -14,8 +14,12 @@ use lockstep_common::MAX_MESSAGE_BYTES;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+/// Attaches the job token to every request.
+type Attach =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+
 /// The client type: every request carries the job token.
-pub type Client = CoordinatorClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>>>;
+pub type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
 
 /// What joining tells the worker.
 pub struct Joined {
@@ -43,7 +47,8 @@ pub struct Introduction {
     pub model: Option<(String, String)>,
 }
 
-fn worker_id() -> String {
+/// How this worker names itself to the coordinator: `host/pid N`.
+pub fn worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .or_else(|_| std::env::var("HOSTNAME"))
@@ -53,7 +58,9 @@ fn worker_id() -> String {
 
 async fn connect(url: &str, token: &Token) -> Result<Client> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051"))?
+        .with_context(|| {
+            format!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051")
+        })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .max_frame_size(1024 * 1024)
@@ -61,8 +68,7 @@ async fn connect(url: &str, token: &Token) -> Result<Client> {
         .initial_connection_window_size(64 * 1024 * 1024);
     let channel = endpoint.connect().await?;
     let token = token.clone();
-    let attach: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync> =
-        Box::new(move |r| token.client_attach(r));
+    let attach: Attach = Box::new(move |r| token.client_attach(r));
     Ok(CoordinatorClient::with_interceptor(channel, attach)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -70,26 +76,45 @@ async fn connect(url: &str, token: &Token) -> Result<Client> {
 
 /// Connects and joins, retrying while the coordinator is not reachable yet (containers start
 /// in any order) until `patience` has passed; a refusal is final.
-pub async fn join(url: &str, token: &Token, intro: &Introduction, patience: Duration) -> Result<Joined> {
+pub async fn join(
+    url: &str,
+    token: &Token,
+    intro: &Introduction,
+    patience: Duration,
+) -> Result<Joined> {
     let deadline = Instant::now() + patience;
     let mut wait = Duration::from_millis(100);
     let (mut client, reply) = loop {
         let attempt = async {
-            let mut client = connect(url, token).await.map_err(|e| (true, anyhow!("{e}")))?;
+            let mut client = connect(url, token)
+                .await
+                .map_err(|e| (true, anyhow!("{e}")))?;
             let request = pb::JoinRequest {
                 protocol_version: intro.protocol_version,
                 worker_id: worker_id(),
                 device: intro.device.clone(),
-                model_fingerprint: intro.model.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
-                model_description: intro.model.as_ref().map(|m| m.1.clone()).unwrap_or_default(),
+                model_fingerprint: intro
+                    .model
+                    .as_ref()
+                    .map(|m| m.0.clone())
+                    .unwrap_or_default(),
+                model_description: intro
+                    .model
+                    .as_ref()
+                    .map(|m| m.1.clone())
+                    .unwrap_or_default(),
                 cuda_available: intro.cuda_available,
+                pid: std::process::id(),
             };
             match client.join(request).await {
                 Ok(reply) => Ok((client, reply.into_inner())),
                 Err(status) if status.code() == tonic::Code::Unavailable => {
                     Err((true, anyhow!("{}", status.message())))
                 }
-                Err(status) => Err((false, anyhow!("the coordinator refused this worker: {}", status.message()))),
+                Err(status) => Err((
+                    false,
+                    anyhow!("the coordinator refused this worker: {}", status.message()),
+                )),
             }
         };
         match attempt.await {
@@ -109,7 +134,8 @@ pub async fn join(url: &str, token: &Token, intro: &Introduction, patience: Dura
             }
         }
     };
-    let config = JobConfig::from_toml_str(&reply.job_config_toml).context("the job configuration from the coordinator")?;
+    let config = JobConfig::from_toml_str(&reply.job_config_toml)
+        .context("the job configuration from the coordinator")?;
     let network = Network::new(&config.model);
     let theirs: Vec<TensorSpec> = wire::layout_from_wire(&reply.layout);
     if theirs != network.layout() {
@@ -120,16 +146,23 @@ pub async fn join(url: &str, token: &Token, intro: &Introduction, patience: Dura
         );
     }
     let mut chunks = client
-        .fetch_state(pb::StateRequest { state_version: reply.state_version })
+        .fetch_state(pb::StateRequest {
+            state_version: reply.state_version,
+        })
         .await
         .context("fetching the initial state")?
         .into_inner();
     let mut asm = wire::StateAssembler::default();
-    while let Some(chunk) = chunks.message().await.context("receiving the initial state")? {
+    while let Some(chunk) = chunks
+        .message()
+        .await
+        .context("receiving the initial state")?
+    {
         asm.push(chunk).map_err(|e| anyhow!("initial state: {e}"))?;
     }
     let bytes = asm.finish().map_err(|e| anyhow!("initial state: {e}"))?;
-    let (state, _) = TrainingState::from_bytes(network.layout(), &bytes).context("parsing the initial state")?;
+    let (state, _) =
+        TrainingState::from_bytes(network.layout(), &bytes).context("parsing the initial state")?;
     Ok(Joined {
         client,
         reply,

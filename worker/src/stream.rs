@@ -45,7 +45,10 @@ pub async fn open(
     let (out_tx, out_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
     out_tx
         .send(pb::WorkerMessage {
-            kind: Some(pb::worker_message::Kind::Hello(pb::Hello { rank, membership_epoch })),
+            kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+                rank,
+                membership_epoch,
+            })),
         })
         .expect("receiver alive");
     let response = client
@@ -59,9 +62,14 @@ pub async fn open(
         let mut ticker = tokio::time::interval(heartbeat);
         loop {
             ticker.tick().await;
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
             let msg = pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat { sent_unix_ms: now })),
+                kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {
+                    sent_unix_ms: now,
+                })),
             };
             if beat.send(msg).is_err() {
                 break;
@@ -75,24 +83,26 @@ pub async fn open(
         use pb::coordinator_message::Kind;
         loop {
             match inbound.message().await {
-                Ok(Some(msg)) => match msg.kind {
-                    Some(Kind::Batch(b)) => {
-                        if batch_tx.send(b).is_err() {
-                            return Outcome::Lost("the compute thread stopped".into());
+                Ok(Some(msg)) => {
+                    let delivered = match msg.kind {
+                        Some(Kind::Batch(b)) => batch_tx.send(b).is_ok(),
+                        Some(Kind::Reduced(r)) => reduced_tx.send(r).is_ok(),
+                        Some(Kind::Finish(_)) => return Outcome::Finished,
+                        Some(Kind::Abort(a)) => return Outcome::Aborted(a.reason),
+                        Some(other) => {
+                            tracing::debug!("ignoring {other:?}");
+                            true
                         }
+                        None => true,
+                    };
+                    if !delivered {
+                        return Outcome::Lost("the compute thread stopped".into());
                     }
-                    Some(Kind::Reduced(r)) => {
-                        if reduced_tx.send(r).is_err() {
-                            return Outcome::Lost("the compute thread stopped".into());
-                        }
-                    }
-                    Some(Kind::Finish(_)) => return Outcome::Finished,
-                    Some(Kind::Abort(a)) => return Outcome::Aborted(a.reason),
-                    Some(other) => tracing::debug!("ignoring {other:?}"),
-                    None => {}
-                },
+                }
                 Ok(None) => return Outcome::Lost("the coordinator closed the step stream".into()),
-                Err(status) => return Outcome::Lost(format!("step stream broke: {}", status.message())),
+                Err(status) => {
+                    return Outcome::Lost(format!("step stream broke: {}", status.message()))
+                }
             }
         }
     });

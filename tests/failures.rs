@@ -1,0 +1,224 @@
+//! What goes wrong, and what the user sees: a dead or frozen worker ends the job within
+//! seconds with an error naming it; bad input is refused with a clear error and no panic.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lockstep_tests::*;
+
+fn assert_clean_failure(out: &std::process::Output, needles: &[&str]) -> String {
+    let err = stderr_of(out);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "a panic instead of an error:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "error lacks `{n}`:\n{err}");
+    }
+    err
+}
+
+fn start_training_then(
+    signal_no: i32,
+    extra_env: &[(&str, &str)],
+    limit: Duration,
+) -> (std::process::Output, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut cmd = train_command(&run);
+    cmd.args(["--preset", "mlp", "--epochs", "20", "--workers", "2"]);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = wait_for_text(
+        &run.join("logs/worker-1.log"),
+        "joined as rank",
+        Duration::from_secs(60),
+    );
+    let pid = worker_pid_from_log(&log);
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(pid, signal_no);
+    let signalled = Instant::now();
+    let out = wait_with_limit(child, limit);
+    (out, signalled.elapsed())
+}
+
+#[test]
+fn killing_a_worker_mid_training_ends_the_job_within_seconds_naming_the_worker() {
+    let (out, took) = start_training_then(libc::SIGKILL, &[], Duration::from_secs(30));
+    let err = assert_clean_failure(&out, &["worker rank", "during epoch", "training stopped"]);
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} to notice the dead worker:\n{err}"
+    );
+}
+
+#[test]
+fn a_frozen_worker_is_declared_dead_after_the_heartbeat_timeout() {
+    let (out, took) = start_training_then(
+        libc::SIGSTOP,
+        &[("LOCKSTEP_CLUSTER__HEARTBEAT_TIMEOUT_MS", "1500")],
+        Duration::from_secs(30),
+    );
+    let err = assert_clean_failure(
+        &out,
+        &["sent nothing for", "heartbeat timeout", "worker rank"],
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} to notice the frozen worker:\n{err}"
+    );
+}
+
+#[test]
+fn a_truncated_or_corrupt_dataset_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for f in std::fs::read_dir(data_dir()).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "gz") {
+            std::fs::copy(&f, data.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let images = data.join("train-images-idx3-ubyte.gz");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..bytes.len() / 2]).unwrap();
+    let run = dir.path().join("run");
+    let out = run_with_limit(
+        train_command(&run).arg("--data-dir").arg(&data),
+        Duration::from_secs(60),
+    );
+    assert_clean_failure(
+        &out,
+        &["train-images-idx3-ubyte.gz", "corrupt or truncated"],
+    );
+
+    // Structurally valid but altered content: caught by the checksum.
+    let labels = data.join("t10k-labels-idx1-ubyte");
+    let mut raw = lockstep_common::mnist::maybe_gunzip(
+        std::fs::read(data.join("t10k-labels-idx1-ubyte.gz")).unwrap(),
+    )
+    .unwrap();
+    raw[100] = (raw[100] + 1) % 10;
+    std::fs::remove_file(data.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    std::fs::write(&labels, raw).unwrap();
+    std::fs::write(&images, &bytes).unwrap();
+    let out = run_with_limit(
+        train_command(&dir.path().join("run2"))
+            .arg("--data-dir")
+            .arg(&data),
+        Duration::from_secs(60),
+    );
+    assert_clean_failure(
+        &out,
+        &["t10k-labels-idx1-ubyte", "differ from the published MNIST"],
+    );
+
+    let out = run_with_limit(
+        train_command(&dir.path().join("run3"))
+            .arg("--data-dir")
+            .arg(dir.path().join("nowhere")),
+        Duration::from_secs(60),
+    );
+    assert_clean_failure(&out, &["not found", "--data-dir"]);
+}
+
+#[test]
+fn bad_settings_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_with_limit(
+        train_command(&dir.path().join("a")).args(["--preset", "resnet"]),
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(&out, &["unknown preset `resnet`", "mlp-leaky"]);
+
+    let out = run_with_limit(
+        train_command(&dir.path().join("b")).args(["--batch-size", "2", "--workers", "3"]),
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(&out, &["batch size 2 is smaller than the worker count 3"]);
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = run_with_limit(
+        train_command(&dir.path().join("c"))
+            .args([
+                "--external-workers",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("LOCKSTEP_TOKEN", "t0ken"),
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(&out, &["cannot listen on", "already in use"]);
+
+    let out = run_with_limit(
+        train_command(&dir.path().join("d")).args(["--external-workers"]),
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(&out, &["LOCKSTEP_TOKEN"]);
+}
+
+#[test]
+fn workers_of_another_version_model_or_token_are_refused_and_a_good_one_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let coordinator = train_command(&run)
+        .args([
+            "--external-workers",
+            "--workers",
+            "1",
+            "--epochs",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("LOCKSTEP_TOKEN", "right-token")
+        .env("LOCKSTEP_TRAIN_SAMPLES", "640")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let worker = |args: &[&str], token: &str| {
+        let mut cmd = std::process::Command::new(worker());
+        cmd.args(["--coordinator", &url, "--connect-timeout", "20"])
+            .args(args)
+            .env("LOCKSTEP_TOKEN", token);
+        run_with_limit(&mut cmd, Duration::from_secs(60))
+    };
+    let out = worker(&["--protocol-version", "99"], "right-token");
+    assert_clean_failure(
+        &out,
+        &["protocol version mismatch", "version 99", "version 1"],
+    );
+    let out = worker(&["--preset", "cnn"], "right-token");
+    assert_clean_failure(&out, &["model configuration mismatch", "cnn"]);
+    let out = worker(&[], "wrong-token");
+    assert_clean_failure(&out, &["wrong job token"]);
+
+    let out = worker(&["--threads", "1"], "right-token");
+    assert!(
+        out.status.success(),
+        "the good worker failed:\n{}",
+        stderr_of(&out)
+    );
+    let out = wait_with_limit(coordinator, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "coordinator failed:\n{}",
+        stderr_of(&out)
+    );
+    assert_eq!(metrics(&run).len(), 1);
+}
