@@ -167,6 +167,15 @@ fn bad_settings_are_refused_with_a_clear_error() {
         Duration::from_secs(30),
     );
     assert_clean_failure(&out, &["LOCKSTEP_TOKEN"]);
+
+    // A CPU build refuses NCCL up front (GPU builds are exercised by LOCKSTEP_CUDA_TESTS=1).
+    if std::env::var_os("LOCKSTEP_CUDA_TESTS").is_none() {
+        let out = run_with_limit(
+            train_command(&dir.path().join("e")).args(["--backend", "nccl"]),
+            Duration::from_secs(30),
+        );
+        assert_clean_failure(&out, &["without the `cuda` feature"]);
+    }
 }
 
 #[test]

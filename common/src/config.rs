@@ -578,6 +578,17 @@ pub fn load_with_env(
     Ok(cfg)
 }
 
+/// Whether the worker count was set by any layer (flag, environment or file) rather than
+/// coming from the defaults; with `--backend nccl` the default is one worker per visible GPU.
+pub fn workers_given(file: Option<&Path>, overrides: &Overrides) -> bool {
+    overrides.workers.is_some()
+        || std::env::var_os("LOCKSTEP_WORKERS").is_some()
+        || file
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .is_some_and(|t| t.contains_key("workers"))
+}
+
 fn serde_plain<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()

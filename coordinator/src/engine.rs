@@ -228,9 +228,7 @@ impl Engine {
             );
             last = Some(m);
         }
-        if cfg.backend == Backend::Grpc {
-            self.await_final_digests(steps).await?;
-        }
+        self.await_final_digests(steps).await?;
         let last = last.ok_or_else(|| anyhow!("no epoch ran"))?;
         let summary = Summary {
             preset: cfg.preset.clone(),
@@ -329,8 +327,40 @@ impl Engine {
             }
         }
         self.txs = txs.into_iter().flatten().collect();
+        if self.shared.config.backend == Backend::Nccl {
+            self.relay_nccl_id(deadline).await?;
+        }
         tracing::info!("all {world} workers connected; training starts");
         Ok(())
+    }
+
+    /// NCCL bootstrap: waits for rank 0's unique id and relays it to every other rank.
+    async fn relay_nccl_id(&mut self, deadline: tokio::time::Instant) -> Result<()> {
+        let here = Here {
+            epoch: 0,
+            step: 0,
+            steps: 0,
+        };
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Event::Message { rank: 0, msg })) => {
+                    if let Some(pb::worker_message::Kind::NcclId(id)) = msg.kind {
+                        for rank in 1..self.txs.len() {
+                            self.send(
+                                rank,
+                                pb::coordinator_message::Kind::NcclId(id.clone()),
+                                here,
+                            )
+                            .await?;
+                        }
+                        return Ok(());
+                    }
+                }
+                Ok(Some(other)) => self.handle_other(other, here)?,
+                Ok(None) => bail!("the coordinator's event queue closed"),
+                Err(_) => bail!("rank 0 did not send its NCCL id before the join timeout"),
+            }
+        }
     }
 
     async fn send(
@@ -444,6 +474,16 @@ impl Engine {
 
     /// Compares the digests workers reported with the coordinator's own at the same step.
     fn check_digests(&mut self) -> Result<()> {
+        if self.shared.config.backend == Backend::Nccl {
+            // No replica here between epochs: rank 0's digest is the reference for the others.
+            for (rank, d) in &self.pending_digests {
+                let id = d.id.unwrap_or_default();
+                if *rank == 0 {
+                    self.own_digests
+                        .insert((id.epoch, id.step), d.sha256.clone());
+                }
+            }
+        }
         let mut keep = Vec::new();
         for (rank, d) in std::mem::take(&mut self.pending_digests) {
             let id = d.id.unwrap_or_default();

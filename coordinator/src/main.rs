@@ -146,7 +146,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .build()?;
     match cli.command {
         Command::Train(args) => {
-            let config = args.config.load()?;
+            let mut config = args.config.load()?;
+            if config.backend == config::Backend::Nccl && !args.external_workers {
+                let gpus = lockstep_coordinator::train::visible_gpus()?;
+                if !config::workers_given(args.config.config.as_deref(), &args.config.overrides()) {
+                    config.workers = gpus.max(1) as u32;
+                }
+                if (gpus as u32) < config.workers {
+                    anyhow::bail!(
+                        "--backend nccl with {} local workers needs {} GPUs, but {gpus} are visible \
+                         (CUDA_VISIBLE_DEVICES={}); lower --workers, or use --backend grpc on CPU",
+                        config.workers,
+                        config.workers,
+                        std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+                    );
+                }
+            }
             let workers = if args.external_workers {
                 Workers::External(train::external_token(args.token_file.as_deref())?)
             } else {

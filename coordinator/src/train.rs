@@ -182,6 +182,25 @@ async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
     }
 }
 
+/// Number of CUDA devices visible to this process (`CUDA_VISIBLE_DEVICES` applies).
+#[cfg(feature = "cuda")]
+pub fn visible_gpus() -> Result<usize> {
+    candle_core::cuda::cudarc::driver::CudaContext::device_count()
+        .map(|n| n as usize)
+        .map_err(|e| {
+            anyhow::anyhow!("cannot query CUDA devices ({e:?}); is the NVIDIA driver installed?")
+        })
+}
+
+/// Without the `cuda` feature, NCCL training is refused before anything starts.
+#[cfg(not(feature = "cuda"))]
+pub fn visible_gpus() -> Result<usize> {
+    bail!(
+        "--backend nccl needs CUDA, but this lockstep was built without the `cuda` feature; rebuild with \
+         `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use --backend grpc"
+    )
+}
+
 /// Reads the token for external workers, refusing to run without one.
 pub fn external_token(token_file: Option<&std::path::Path>) -> Result<Token> {
     Token::from_file_or_env(token_file)?.context(

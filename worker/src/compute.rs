@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use candle_core::{DType, Tensor};
+use lockstep_common::checkpoint::{Position, TrainingState};
 use lockstep_common::codec::{self, digest};
 use lockstep_common::config::JobConfig;
 use lockstep_common::mnist::IMAGE_PIXELS;
 use lockstep_common::model::{batch_tensors, BatchStats, Replica};
-use lockstep_common::optim::Optimizer;
+use lockstep_common::optim::{DeviceOptimizer, Optimizer};
 use lockstep_common::schedule;
 use lockstep_common::wire::pb;
 
@@ -144,6 +146,128 @@ pub fn run_grpc(
             per(wait_s),
             per(apply_s)
         );
+    }
+    Ok(steps)
+}
+
+/// A device-side all-reduce among the ranks (NCCL between GPUs).
+pub trait Collective {
+    /// The element-wise sum of `flat` over all ranks, on the same device.
+    fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<Tensor>;
+}
+
+/// What the collective (NCCL) step loop works with.
+pub struct CollectiveRun<'a> {
+    /// The job configuration.
+    pub config: &'a JobConfig,
+    /// This worker's rank; rank 0 uploads its state after every epoch.
+    pub rank: u32,
+    /// The model replica on the device.
+    pub replica: &'a mut Replica,
+    /// Flat parameters on the device.
+    pub params: Tensor,
+    /// The optimizer, state on the device.
+    pub optimizer: DeviceOptimizer,
+    /// The step stream.
+    pub channels: StepChannels,
+    /// The all-reduce.
+    pub collective: &'a mut dyn Collective,
+    /// Uploads a state to the coordinator (rank 0, at epoch ends).
+    pub push_state: &'a mut dyn FnMut(TrainingState) -> Result<()>,
+}
+
+/// Runs the NCCL-mode step loop: batches still come from the coordinator, gradients are summed
+/// across ranks on the devices, and every rank applies the same optimizer step on its device.
+/// The coordinator only hears each step's statistics, digests, and rank 0's state per epoch.
+pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
+    let CollectiveRun {
+        config,
+        rank,
+        replica,
+        mut params,
+        mut optimizer,
+        channels,
+        collective,
+        push_state,
+    } = run;
+    let len = params.elem_count();
+    let device = replica.device().clone();
+    let mut scratch = Vec::new();
+    let mut steps = 0;
+    while let Ok(batch) = channels.batches.recv() {
+        validate_batch(&batch)?;
+        let id = batch.id.unwrap_or_default();
+        let started = Instant::now();
+        let (flat, stats) = if batch.count == 0 {
+            (
+                Tensor::zeros(len, DType::F32, &device)?,
+                BatchStats::default(),
+            )
+        } else {
+            let (x, y) = batch_tensors(
+                &batch.pixels,
+                &batch.labels,
+                config.normalize,
+                &device,
+                &mut scratch,
+            )?;
+            let (g, stats) = replica.gradient(&x, &y)?;
+            (g.to_flat_tensor()?, stats)
+        };
+        let summed = collective.all_reduce_sum(&flat)?;
+        let average = summed.affine(1.0 / batch.global_count.max(1) as f64, 0.0)?;
+        params = optimizer.step(&params, &average)?;
+        replica.set_params_from_tensor(&params)?;
+        steps += 1;
+        let done = pb::StepDone {
+            id: Some(id),
+            samples: stats.samples,
+            loss_sum: stats.loss_sum,
+            correct: stats.correct,
+            compute_ms: started.elapsed().as_secs_f32() * 1000.0,
+        };
+        if channels
+            .out
+            .send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::StepDone(done)),
+            })
+            .is_err()
+        {
+            bail!(
+                "the step stream closed after epoch {} step {}",
+                id.epoch + 1,
+                id.step + 1
+            );
+        }
+        let digest_due =
+            schedule::digest_due(id.step, config.cluster.digest_every, batch.last_of_epoch);
+        let push_due = batch.last_of_epoch && rank == 0;
+        if digest_due || push_due {
+            let host_params = params.to_vec1::<f32>()?;
+            let state = optimizer.state()?;
+            if digest_due {
+                let mut buffers: Vec<&[f32]> = vec![&host_params];
+                buffers.extend(state.buffers.iter().map(|(_, b)| b.as_slice()));
+                let msg = pb::Digest {
+                    id: Some(id),
+                    sha256: digest(&buffers),
+                };
+                let _ = channels.out.send(pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::Digest(msg)),
+                });
+            }
+            if push_due {
+                push_state(TrainingState {
+                    params: host_params,
+                    optimizer: state,
+                    position: Position {
+                        epoch: id.epoch + 1,
+                        step: 0,
+                    },
+                })
+                .with_context(|| format!("uploading the state after epoch {}", id.epoch + 1))?;
+            }
+        }
     }
     Ok(steps)
 }

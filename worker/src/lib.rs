@@ -6,8 +6,11 @@
 //! - [`stream`]: the step stream: the network side (batches in, gradients out, heartbeats).
 //! - [`compute`]: the compute thread that owns the model replica.
 //! - [`device`]: parsing `--device` into a candle device.
+//! - `nccl` (feature `cuda`): the NCCL communicator and its bootstrap.
 
 pub mod compute;
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod session;
 pub mod stream;

@@ -10,13 +10,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lockstep_common::auth::Token;
-use lockstep_common::config::{self, Overrides};
+use lockstep_common::checkpoint::TrainingState;
+use lockstep_common::config::{self, Backend, JobConfig, Overrides};
 use lockstep_common::model::Replica;
 use lockstep_common::optim::Optimizer;
 use lockstep_common::PROTOCOL_VERSION;
 use lockstep_worker::device::DeviceSpec;
 use lockstep_worker::session::{self, Introduction};
-use lockstep_worker::stream::{self, Outcome};
+use lockstep_worker::stream::{self, Outcome, StepChannels};
 
 #[derive(Parser)]
 #[command(
@@ -139,10 +140,34 @@ fn run(args: Args) -> Result<()> {
             Duration::from_millis(reply.heartbeat_interval_ms.max(50) as u64),
         )
         .await?;
-        let params = state.params;
-        let compute = tokio::task::spawn_blocking(move || {
-            lockstep_worker::compute::run_grpc(&config, &mut replica, params, optimizer, channels)
-        });
+        let compute = match config.backend {
+            Backend::Grpc => {
+                let params = state.params;
+                tokio::task::spawn_blocking(move || {
+                    lockstep_worker::compute::run_grpc(
+                        &config,
+                        &mut replica,
+                        params,
+                        optimizer,
+                        channels,
+                    )
+                })
+            }
+            Backend::Nccl => nccl_compute(NcclStart {
+                client: client.clone(),
+                rank: reply.rank,
+                world: reply.world_size,
+                config_toml: reply.job_config_toml.clone(),
+                config,
+                replica,
+                state: lockstep_common::checkpoint::TrainingState {
+                    params: state.params,
+                    optimizer: optimizer.state().clone(),
+                    position: state.position,
+                },
+                channels,
+            })?,
+        };
         tokio::pin!(compute);
         tokio::pin!(reader);
         tokio::select! {
@@ -169,4 +194,100 @@ fn run(args: Args) -> Result<()> {
             },
         }
     })
+}
+
+/// What the NCCL step loop starts from.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct NcclStart {
+    client: session::Client,
+    rank: u32,
+    world: u32,
+    config_toml: String,
+    config: JobConfig,
+    replica: Replica,
+    state: TrainingState,
+    channels: StepChannels,
+}
+
+/// Bootstraps NCCL through the coordinator and runs the collective step loop on the compute
+/// thread.
+#[cfg(feature = "cuda")]
+fn nccl_compute(start: NcclStart) -> Result<tokio::task::JoinHandle<Result<u64>>> {
+    use lockstep_common::optim::DeviceOptimizer;
+    use lockstep_common::wire::{self, pb};
+    use lockstep_worker::compute::{run_collective, CollectiveRun};
+    use lockstep_worker::nccl::{self, Nccl};
+
+    const NCCL_TIMEOUT: Duration = Duration::from_secs(60);
+    let handle = tokio::runtime::Handle::current();
+    Ok(tokio::task::spawn_blocking(move || {
+        let NcclStart {
+            mut client,
+            rank,
+            world,
+            config_toml,
+            config,
+            mut replica,
+            state,
+            channels,
+        } = start;
+        let id = if rank == 0 {
+            let id = nccl::new_id()?;
+            let msg = pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::NcclId(pb::NcclId {
+                    id: id.clone().into(),
+                })),
+            };
+            channels
+                .out
+                .send(msg)
+                .map_err(|_| anyhow::anyhow!("the step stream closed before NCCL started"))?;
+            id
+        } else {
+            channels
+                .nccl_ids
+                .recv_timeout(NCCL_TIMEOUT)
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "rank 0's NCCL id did not arrive within {}s",
+                        NCCL_TIMEOUT.as_secs()
+                    )
+                })?
+                .id
+                .to_vec()
+        };
+        let device = replica.device().clone();
+        let mut collective =
+            Nccl::connect(&device, &id, rank as usize, world as usize, NCCL_TIMEOUT)?;
+        tracing::info!("NCCL communicator ready: rank {rank} of {world}");
+        let n = state.params.len();
+        let params = candle_core::Tensor::from_slice(&state.params, n, &device)?;
+        let optimizer = DeviceOptimizer::new(config.optimizer.clone(), &state.optimizer, &device)?;
+        let layout = replica.network().layout().to_vec();
+        let mut push = |st: TrainingState| -> Result<()> {
+            let bytes = st.to_bytes(&layout, &config_toml)?;
+            let chunks = wire::state_chunks(&bytes, st.position.epoch, st.position.step);
+            handle.block_on(client.push_state(tokio_stream::iter(chunks)))?;
+            Ok(())
+        };
+        run_collective(CollectiveRun {
+            config: &config,
+            rank,
+            replica: &mut replica,
+            params,
+            optimizer,
+            channels,
+            collective: &mut collective,
+            push_state: &mut push,
+        })
+    }))
+}
+
+/// Without the `cuda` feature there is no NCCL: refuse clearly.
+#[cfg(not(feature = "cuda"))]
+fn nccl_compute(_start: NcclStart) -> Result<tokio::task::JoinHandle<Result<u64>>> {
+    bail!(
+        "the job uses the nccl backend, but this lockstep-worker was built without the `cuda` feature; \
+         rebuild with `cargo build --release --features cuda`"
+    )
 }

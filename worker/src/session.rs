@@ -15,8 +15,14 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Attaches the job token to every request.
-type Attach =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+#[derive(Clone)]
+pub struct Attach(Token);
+
+impl tonic::service::Interceptor for Attach {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        self.0.client_attach(request)
+    }
+}
 
 /// The client type: every request carries the job token.
 pub type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
@@ -67,8 +73,7 @@ async fn connect(url: &str, token: &Token) -> Result<Client> {
         .initial_stream_window_size(16 * 1024 * 1024)
         .initial_connection_window_size(64 * 1024 * 1024);
     let channel = endpoint.connect().await?;
-    let token = token.clone();
-    let attach: Attach = Box::new(move |r| token.client_attach(r));
+    let attach = Attach(token.clone());
     Ok(CoordinatorClient::with_interceptor(channel, attach)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

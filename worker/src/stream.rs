@@ -31,6 +31,8 @@ pub struct StepChannels {
     pub batches: std_mpsc::Receiver<pb::Batch>,
     /// Reduced gradients, in step order.
     pub reduced: std_mpsc::Receiver<pb::Reduced>,
+    /// NCCL unique ids relayed by the coordinator (NCCL mode, ranks other than 0).
+    pub nccl_ids: std_mpsc::Receiver<pb::NcclId>,
     /// Messages to the coordinator.
     pub out: mpsc::UnboundedSender<pb::WorkerMessage>,
 }
@@ -79,6 +81,7 @@ pub async fn open(
 
     let (batch_tx, batch_rx) = std_mpsc::channel();
     let (reduced_tx, reduced_rx) = std_mpsc::channel();
+    let (nccl_tx, nccl_rx) = std_mpsc::channel();
     let reader = tokio::spawn(async move {
         use pb::coordinator_message::Kind;
         loop {
@@ -87,6 +90,7 @@ pub async fn open(
                     let delivered = match msg.kind {
                         Some(Kind::Batch(b)) => batch_tx.send(b).is_ok(),
                         Some(Kind::Reduced(r)) => reduced_tx.send(r).is_ok(),
+                        Some(Kind::NcclId(id)) => nccl_tx.send(id).is_ok(),
                         Some(Kind::Finish(_)) => return Outcome::Finished,
                         Some(Kind::Abort(a)) => return Outcome::Aborted(a.reason),
                         Some(other) => {
@@ -110,6 +114,7 @@ pub async fn open(
         StepChannels {
             batches: batch_rx,
             reduced: reduced_rx,
+            nccl_ids: nccl_rx,
             out: out_tx,
         },
         reader,
