@@ -170,7 +170,16 @@ fn run(args: Args) -> Result<()> {
         };
         tokio::pin!(compute);
         tokio::pin!(reader);
+        let rank = reply.rank;
+        let mut leave_client = client.clone();
         tokio::select! {
+            signal = shutdown_signal() => {
+                // Tell the coordinator why this worker goes, so its error names the reason.
+                let _ = leave_client
+                    .leave(lockstep_common::wire::pb::LeaveRequest { rank, reason: format!("received {signal}") })
+                    .await;
+                bail!("stopped by {signal}")
+            }
             computed = &mut compute => {
                 // The compute loop ends when batches stop coming (the stream ended) or on error.
                 let steps = computed.context("compute thread")??;
@@ -194,6 +203,22 @@ fn run(args: Args) -> Result<()> {
             },
         }
     })
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return "Ctrl-C",
+                _ = term.recv() => return "SIGTERM",
+            }
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "Ctrl-C"
 }
 
 /// What the NCCL step loop starts from.

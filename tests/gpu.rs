@@ -1,0 +1,102 @@
+//! GPU tests: CUDA compute and the NCCL backend, end to end with the real binaries. They need
+//! binaries built with `--features cuda` and at least one NVIDIA GPU, so they run only when
+//! `LOCKSTEP_CUDA_TESTS=1` (on a CPU machine each one says it was skipped).
+
+use std::time::Duration;
+
+use lockstep_tests::*;
+
+fn enabled() -> bool {
+    let on = std::env::var("LOCKSTEP_CUDA_TESTS").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("skipped: set LOCKSTEP_CUDA_TESTS=1 on a machine with a GPU and a cuda build");
+    }
+    on
+}
+
+fn train_on_gpu(preset: &str, epochs: &str) -> (std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join(preset);
+    let out = run_with_limit(
+        train_command(&run).args([
+            "--preset",
+            preset,
+            "--epochs",
+            epochs,
+            "--backend",
+            "nccl",
+            "--workers",
+            "1",
+        ]),
+        Duration::from_secs(300),
+    );
+    let err = stderr_of(&out);
+    assert!(
+        out.status.success(),
+        "GPU training of {preset} failed:\n{err}"
+    );
+    for m in metrics(&run) {
+        println!("{preset} {m}");
+    }
+    println!("{preset} summary {}", summary(&run));
+    (run, dir)
+}
+
+#[test]
+fn mlp_trains_on_a_gpu_with_the_nccl_backend() {
+    if !enabled() {
+        return;
+    }
+    let (run, _dir) = train_on_gpu("mlp", "3");
+    let m = metrics(&run);
+    let last = m.last().unwrap()["test_accuracy"].as_f64().unwrap();
+    assert!(
+        last >= 0.97,
+        "mlp on GPU: test accuracy {last} after 3 epochs"
+    );
+}
+
+#[test]
+fn cnn_reaches_99_percent_on_a_gpu() {
+    if !enabled() {
+        return;
+    }
+    let (run, _dir) = train_on_gpu("cnn", "3");
+    let best = metrics(&run)
+        .iter()
+        .map(|m| m["test_accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(best >= 0.99, "cnn on GPU: best test accuracy {best}");
+}
+
+#[test]
+fn the_same_seed_twice_gives_the_same_gpu_model() {
+    if !enabled() {
+        return;
+    }
+    let run = |name: &str, dir: &std::path::Path| {
+        let r = dir.join(name);
+        let out = run_with_limit(
+            train_command(&r)
+                .args([
+                    "--preset",
+                    "mlp",
+                    "--epochs",
+                    "1",
+                    "--backend",
+                    "nccl",
+                    "--workers",
+                    "1",
+                ])
+                .env("LOCKSTEP_TRAIN_SAMPLES", "6400"),
+            Duration::from_secs(120),
+        );
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        std::fs::read(r.join("model.safetensors")).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        run("a", dir.path()) == run("b", dir.path()),
+        "two GPU runs with one seed differ"
+    );
+}
