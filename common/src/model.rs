@@ -185,12 +185,13 @@ fn stats(logits: &Tensor, labels: &Tensor, loss_sum: &Tensor) -> candle_core::Re
     let correct = logits
         .argmax(D::Minus1)?
         .eq(labels)?
-        .to_dtype(DType::U32)?
-        .sum_all()?
-        .to_scalar::<u32>()?;
+        .to_dtype(DType::F32)?
+        .sum_all()?;
+    // One device-to-host copy (one synchronisation on a GPU) for both numbers.
+    let both = Tensor::stack(&[loss_sum.to_dtype(DType::F32)?, correct], 0)?.to_vec1::<f32>()?;
     Ok(BatchStats {
-        loss_sum: loss_sum.to_scalar::<f32>()? as f64,
-        correct,
+        loss_sum: both[0] as f64,
+        correct: both[1] as u32,
         samples: labels.dim(0)? as u32,
     })
 }

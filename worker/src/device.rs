@@ -44,7 +44,9 @@ impl DeviceSpec {
                          `cargo build --release --features cuda` on a machine with the CUDA toolkit"
                     );
                 }
-                Device::new_cuda(n).map_err(|e| {
+                // An explicit stream (not the per-thread default one), so every kernel and the
+                // NCCL all-reduce of this worker are ordered on one stream whatever the thread.
+                Device::new_cuda_with_stream(n).map_err(|e| {
                     anyhow::anyhow!(
                         "cannot open CUDA device {n}: {e}; check that the NVIDIA driver is loaded, that \
                          CUDA_VISIBLE_DEVICES exposes at least {} GPU(s), and that libcuda is on the library path",
