@@ -606,7 +606,12 @@ fn check_known_keys(file: &toml::Table, defaults: &JobConfig) -> Result<()> {
             None if optional.contains(key.as_str()) => {}
             None => bail!(
                 "unknown key `{key}`; known keys: {}",
-                known.keys().cloned().collect::<Vec<_>>().join(", ")
+                known
+                    .keys()
+                    .map(String::as_str)
+                    .chain(optional.iter().copied())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Some(toml::Value::Table(inner_known)) => {
                 let Some(inner) = value.as_table() else {

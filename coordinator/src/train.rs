@@ -150,7 +150,8 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
         w.shutdown().await;
     }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    // A frozen peer never closes its connection; do not let it hold the exit for long.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server).await;
     let summary = result?;
     tracing::info!(
         "done in {:.1}s: test accuracy {:.2}%, {:.0} samples/s; run directory {}",
