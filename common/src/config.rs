@@ -207,6 +207,9 @@ pub struct OptimizerConfig {
     pub beta2: f64,
     /// Adam ε.
     pub eps: f64,
+    /// The learning rate is multiplied by this after every epoch (PyTorch's
+    /// `StepLR(step_size=1, gamma=lr_decay)`); 1 keeps it constant.
+    pub lr_decay: f64,
 }
 
 /// The optimizer algorithm.
@@ -298,6 +301,7 @@ impl JobConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            lr_decay: 1.0,
         };
         let adam = |lr| OptimizerConfig {
             kind: OptimizerKind::Adam,
@@ -384,6 +388,9 @@ impl JobConfig {
                 o.beta1,
                 o.beta2
             );
+        }
+        if !(o.lr_decay.is_finite() && o.lr_decay > 0.0 && o.lr_decay <= 1.0) {
+            bail!("optimizer.lr_decay must be in (0, 1], got {}", o.lr_decay);
         }
         if !(o.eps.is_finite() && o.eps > 0.0) {
             bail!("Adam eps must be positive, got {}", o.eps);

@@ -181,19 +181,38 @@ pub fn batch_tensors(
     Ok((x, y))
 }
 
-fn stats(logits: &Tensor, labels: &Tensor, loss_sum: &Tensor) -> candle_core::Result<BatchStats> {
+/// `[loss_sum, correct]` of a batch as a 2-element tensor on the batch's device (no host
+/// synchronisation).
+fn stats_tensor(
+    logits: &Tensor,
+    labels: &Tensor,
+    loss_sum: &Tensor,
+) -> candle_core::Result<Tensor> {
     let correct = logits
         .argmax(D::Minus1)?
         .eq(labels)?
         .to_dtype(DType::F32)?
         .sum_all()?;
-    // One device-to-host copy (one synchronisation on a GPU) for both numbers.
-    let both = Tensor::stack(&[loss_sum.to_dtype(DType::F32)?, correct], 0)?.to_vec1::<f32>()?;
-    Ok(BatchStats {
-        loss_sum: both[0] as f64,
-        correct: both[1] as u32,
-        samples: labels.dim(0)? as u32,
-    })
+    Tensor::stack(&[loss_sum.to_dtype(DType::F32)?, correct], 0)
+}
+
+impl BatchStats {
+    /// Reads a `[loss_sum, correct]` tensor: one device-to-host copy.
+    pub fn from_tensor(t: &Tensor, samples: u32) -> candle_core::Result<Self> {
+        let both = t.to_vec1::<f32>()?;
+        Ok(BatchStats {
+            loss_sum: both[0] as f64,
+            correct: both[1] as u32,
+            samples,
+        })
+    }
+}
+
+fn stats(logits: &Tensor, labels: &Tensor, loss_sum: &Tensor) -> candle_core::Result<BatchStats> {
+    BatchStats::from_tensor(
+        &stats_tensor(logits, labels, loss_sum)?,
+        labels.dim(0)? as u32,
+    )
 }
 
 /// A gradient as one flattened tensor per parameter, in layout order.
@@ -243,7 +262,7 @@ pub fn append_f32_bytes(t: &Tensor, out: &mut Vec<u8>) -> candle_core::Result<()
 /// A worker's trainable copy of the network: parameters as tensors on a device.
 pub struct Replica {
     network: Network,
-    vars: Vec<Var>,
+    params: Vec<Tensor>,
     device: Device,
 }
 
@@ -252,7 +271,7 @@ impl Replica {
     pub fn new(network: Network, flat: &[f32], device: Device) -> candle_core::Result<Self> {
         let mut r = Self {
             network,
-            vars: Vec::new(),
+            params: Vec::new(),
             device,
         };
         r.set_params(flat)?;
@@ -271,27 +290,20 @@ impl Replica {
 
     /// Replaces the parameters with a flat host buffer (one copy per tensor).
     pub fn set_params(&mut self, flat: &[f32]) -> candle_core::Result<()> {
-        self.vars = self
-            .network
-            .layout()
-            .iter()
-            .map(|s| Var::from_slice(&flat[s.range()], s.shape.as_slice(), &self.device))
-            .collect::<candle_core::Result<_>>()?;
+        self.params = self.network.tensors_from_flat(flat, &self.device)?;
         Ok(())
     }
 
     /// Replaces the parameters with a flat tensor already on the device.
     pub fn set_params_from_tensor(&mut self, flat: &Tensor) -> candle_core::Result<()> {
-        self.vars = self
+        // Views into the flat tensor, no copies.
+        self.params = self
             .network
             .layout()
             .iter()
             .map(|s| {
-                Var::from_tensor(
-                    &flat
-                        .narrow(0, s.offset, s.len())?
-                        .reshape(s.shape.as_slice())?,
-                )
+                flat.narrow(0, s.offset, s.len())?
+                    .reshape(s.shape.as_slice())
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(())
@@ -305,6 +317,13 @@ impl Replica {
     /// batch, a third large matmul nobody needs, and allocates a zero tensor per node);
     /// the others use autograd. Both give the same gradient up to rounding (see tests).
     pub fn gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
+        let (g, st) = self.gradient_lazy(x, y)?;
+        Ok((g, BatchStats::from_tensor(&st, y.dim(0)? as u32)?))
+    }
+
+    /// Like [`Replica::gradient`], with the statistics left on the device as
+    /// `[loss_sum, correct]`, so a GPU step needs no host synchronisation.
+    pub fn gradient_lazy(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, Tensor)> {
         let c = &self.network.config;
         if c.kind == ModelKind::Mlp && c.activation != Activation::Gelu {
             self.mlp_gradient(x, y)
@@ -313,30 +332,31 @@ impl Replica {
         }
     }
 
-    fn autograd_gradient(
-        &self,
-        x: &Tensor,
-        y: &Tensor,
-    ) -> candle_core::Result<(Gradient, BatchStats)> {
-        let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+    fn autograd_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, Tensor)> {
+        let vars = self
+            .params
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let logits = self.network.forward(&params, x)?;
         let n = y.dim(0)? as f64;
         let loss_sum = (candle_nn::loss::cross_entropy(&logits, y)? * n)?;
         let grads = loss_sum.backward()?;
-        let mut parts = Vec::with_capacity(self.vars.len());
-        for (var, spec) in self.vars.iter().zip(self.network.layout()) {
+        let mut parts = Vec::with_capacity(vars.len());
+        for (var, spec) in vars.iter().zip(self.network.layout()) {
             match grads.get(var.as_tensor()) {
                 Some(g) => parts.push(g.flatten_all()?),
                 None => parts.push(Tensor::zeros(spec.len(), DType::F32, &self.device)?),
             }
         }
-        let st = stats(&logits, y, &loss_sum)?;
+        let st = stats_tensor(&logits, y, &loss_sum)?;
         Ok((Gradient { parts }, st))
     }
 
     /// Explicit backward pass of a fully connected network.
-    fn mlp_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
-        let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_detached_tensor()).collect();
+    fn mlp_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, Tensor)> {
+        let params = &self.params;
         let layers = params.len() / 2;
         // Forward, keeping each layer's input.
         let mut inputs = Vec::with_capacity(layers);
@@ -375,7 +395,7 @@ impl Replica {
         parts.reverse();
         // Parts were pushed bias-then-weight per layer, so after reversing they are in
         // layout order (weight, bias, weight, bias, ...).
-        let st = stats(&logits, y, &loss_sum)?;
+        let st = stats_tensor(&logits, y, &loss_sum)?;
         Ok((Gradient { parts }, st))
     }
 
@@ -541,6 +561,10 @@ mod tests {
             .unwrap();
             let (a, sa) = r.mlp_gradient(&x, &y).unwrap();
             let (b, sb) = r.autograd_gradient(&x, &y).unwrap();
+            let (sa, sb) = (
+                BatchStats::from_tensor(&sa, 5).unwrap(),
+                BatchStats::from_tensor(&sb, 5).unwrap(),
+            );
             let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
             assert_eq!(a.len(), b.len());
             for i in 0..a.len() {

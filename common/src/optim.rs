@@ -25,6 +25,7 @@ pub struct OptimizerState {
 pub struct Optimizer {
     config: OptimizerConfig,
     state: OptimizerState,
+    lr: f64,
 }
 
 impl Optimizer {
@@ -40,6 +41,7 @@ impl Optimizer {
             .map(|n| (n.to_string(), vec![0.0; len]))
             .collect();
         Self {
+            lr: config.lr,
             config,
             state: OptimizerState { step: 0, buffers },
         }
@@ -65,9 +67,15 @@ impl Optimizer {
             );
         }
         Ok(Self {
+            lr: fresh.lr,
             config: fresh.config,
             state,
         })
+    }
+
+    /// Sets the learning rate for epoch `epoch` (from 0): `lr · lr_decay^epoch`.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.lr = scheduled_lr(&self.config, epoch);
     }
 
     /// The explicit state.
@@ -87,7 +95,7 @@ impl Optimizer {
         let wd = c.weight_decay as f32;
         match c.kind {
             OptimizerKind::Sgd => {
-                let lr = c.lr as f32;
+                let lr = self.lr as f32;
                 if let Some((_, buf)) = self.state.buffers.first_mut() {
                     let mu = c.momentum as f32;
                     let first = self.state.step == 1;
@@ -109,7 +117,7 @@ impl Optimizer {
                 let h = AdamStep {
                     b1: c.beta1 as f32,
                     b2: c.beta2 as f32,
-                    step_size: (c.lr / (1.0 - c.beta1.powi(t))) as f32,
+                    step_size: (self.lr / (1.0 - c.beta1.powi(t))) as f32,
                     bias2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
                     eps: c.eps as f32,
                     wd,
@@ -125,12 +133,18 @@ impl Optimizer {
     }
 }
 
+/// The learning rate of epoch `epoch` (from 0) under the per-epoch decay.
+pub fn scheduled_lr(config: &OptimizerConfig, epoch: u64) -> f64 {
+    config.lr * config.lr_decay.powi(epoch.min(i32::MAX as u64) as i32)
+}
+
 /// The same optimizer over flat tensors that stay on a device (GPU workers): the update is a
 /// handful of element-wise kernels over the whole buffer instead of a round trip to the host.
 /// Ranks running it on the same device type stay bit-identical; its results agree with
 /// [`Optimizer`] to rounding.
 pub struct DeviceOptimizer {
     config: OptimizerConfig,
+    lr: f64,
     step: u64,
     buffers: Vec<(String, candle_core::Tensor)>,
 }
@@ -153,10 +167,16 @@ impl DeviceOptimizer {
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
+            lr: config.lr,
             config,
             step: state.step,
             buffers,
         })
+    }
+
+    /// Sets the learning rate for epoch `epoch` (from 0): `lr · lr_decay^epoch`.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.lr = scheduled_lr(&self.config, epoch);
     }
 
     /// Copies the state back to the host (for checkpoints and digests).
@@ -200,11 +220,11 @@ impl DeviceOptimizer {
                 } else {
                     g
                 };
-                params - d.affine(c.lr, 0.0)?
+                params - d.affine(self.lr, 0.0)?
             }
             OptimizerKind::Adam => {
                 let t = self.step as i32;
-                let step_size = c.lr / (1.0 - c.beta1.powi(t));
+                let step_size = self.lr / (1.0 - c.beta1.powi(t));
                 let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
                 let m =
                     (self.buffers[0].1.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
@@ -411,6 +431,17 @@ mod tests {
             assert_eq!(a.step, b.step);
             assert_eq!(a.buffers.len(), b.buffers.len());
         }
+    }
+
+    #[test]
+    fn the_learning_rate_decays_per_epoch() {
+        let mut c = cfg(OptimizerKind::Sgd, 0.5);
+        c.lr_decay = 0.5;
+        let mut o = Optimizer::new(c, 1);
+        o.set_epoch(2);
+        let mut p = [1.0f32];
+        o.step(&mut p, &[1.0]);
+        assert_eq!(p, [1.0 - 0.125]);
     }
 
     #[test]

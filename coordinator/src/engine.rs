@@ -55,6 +55,8 @@ pub struct Engine {
     txs: Vec<WorkerTx>,
     own_digests: HashMap<(u64, u64), String>,
     pending_digests: Vec<(u32, pb::Digest)>,
+    /// Latest (epoch, step) at which each rank's digest matched.
+    verified: Vec<Option<(u64, u64)>>,
     last_checkpoint: Option<std::path::PathBuf>,
     bytes_moved: u64,
     started: Instant,
@@ -94,6 +96,7 @@ impl Engine {
             txs: Vec::new(),
             own_digests: HashMap::new(),
             pending_digests: Vec::new(),
+            verified: Vec::new(),
             last_checkpoint: None,
             bytes_moved: 0,
             started: Instant::now(),
@@ -143,6 +146,7 @@ impl Engine {
         let mut train_seconds = 0.0;
         for epoch in 0..cfg.epochs as u64 {
             let perm = schedule::epoch_permutation(cfg.seed, epoch, n_train);
+            self.optimizer.set_epoch(epoch);
             let mut progress = EpochProgress::start(epoch + 1, cfg.epochs as u64, steps);
             let epoch_started = Instant::now();
             let bytes_before = self.bytes_moved;
@@ -327,6 +331,7 @@ impl Engine {
             }
         }
         self.txs = txs.into_iter().flatten().collect();
+        self.verified = vec![None; world];
         if self.shared.config.backend == Backend::Nccl {
             self.relay_nccl_id(deadline).await?;
         }
@@ -488,7 +493,11 @@ impl Engine {
         for (rank, d) in std::mem::take(&mut self.pending_digests) {
             let id = d.id.unwrap_or_default();
             match self.own_digests.get(&(id.epoch, id.step)) {
-                Some(ours) if *ours == d.sha256 => {}
+                Some(ours) if *ours == d.sha256 => {
+                    if let Some(v) = self.verified.get_mut(rank as usize) {
+                        *v = Some((id.epoch, id.step));
+                    }
+                }
                 Some(ours) => bail!(
                     "{} diverged: after epoch {} step {} its parameters/optimizer state digest is {}, the \
                      coordinator's is {ours}; replicas must be bit-identical, so training stopped",
@@ -658,6 +667,13 @@ impl Engine {
         let params = self.params.clone();
         let data = self.data.clone();
         let normalize = self.shared.config.normalize;
+        // With GPU workers the coordinator's host may have a GPU too: evaluate there (the CNN's
+        // 10,000 test images take seconds on a CPU); otherwise, and if that fails, on the CPU.
+        let device = if self.shared.config.backend == Backend::Nccl {
+            candle_core::Device::new_cuda(0).unwrap_or(candle_core::Device::Cpu)
+        } else {
+            candle_core::Device::Cpu
+        };
         tokio::task::spawn_blocking(move || {
             evaluate(
                 &network,
@@ -666,7 +682,7 @@ impl Engine {
                 &data.test_labels,
                 normalize,
                 EVAL_BATCH,
-                &candle_core::Device::Cpu,
+                &device,
             )
         })
         .await
@@ -683,24 +699,13 @@ impl Engine {
             steps,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut confirmed = vec![false; self.txs.len()];
+        let last = Some((last_epoch, steps - 1));
         loop {
-            for (rank, d) in &self.pending_digests {
-                let id = d.id.unwrap_or_default();
-                if id.epoch == last_epoch && id.step == steps - 1 {
-                    confirmed[*rank as usize] = true;
-                }
-            }
             self.check_digests()?;
-            if confirmed.iter().all(|&c| c) {
+            if self.verified.iter().all(|v| *v == last) {
                 return Ok(());
             }
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(Event::Message { rank, msg })) => {
-                    if let Some(pb::worker_message::Kind::Digest(d)) = msg.kind {
-                        self.pending_digests.push((rank, d));
-                    }
-                }
                 Ok(Some(other)) => self.handle_other(other, here)?,
                 Ok(None) => bail!("the coordinator's event queue closed"),
                 Err(_) => bail!("workers did not confirm their final parameter digests within 30s"),

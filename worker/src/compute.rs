@@ -122,6 +122,7 @@ pub fn run_grpc(
         let average = codec::f32_view(&reduced.data, &mut average)
             .and_then(|avg| codec::check_finite(avg).map(|_| avg))
             .context("the average gradient from the coordinator")?;
+        optimizer.set_epoch(id.epoch);
         optimizer.step(&mut params, average);
         replica.set_params(&params)?;
         apply_s += received.elapsed().as_secs_f64();
@@ -194,15 +195,18 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
     let device = replica.device().clone();
     let mut scratch = Vec::new();
     let mut steps = 0;
+    // Loss and accuracy accumulate on the device and are read (a host synchronisation) only
+    // every REPORT_EVERY steps and at epoch ends; the steps in between report zeros, and the
+    // coordinator's epoch totals (sums) come out the same.
+    const REPORT_EVERY: u64 = 50;
+    let mut pending = Tensor::zeros(2, DType::F32, &device)?;
+    let mut pending_samples = 0u32;
     while let Ok(batch) = channels.batches.recv() {
         validate_batch(&batch)?;
         let id = batch.id.unwrap_or_default();
         let started = Instant::now();
-        let (flat, stats) = if batch.count == 0 {
-            (
-                Tensor::zeros(len, DType::F32, &device)?,
-                BatchStats::default(),
-            )
+        let flat = if batch.count == 0 {
+            Tensor::zeros(len, DType::F32, &device)?
         } else {
             let (x, y) = batch_tensors(
                 &batch.pixels,
@@ -211,14 +215,25 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
                 &device,
                 &mut scratch,
             )?;
-            let (g, stats) = replica.gradient(&x, &y)?;
-            (g.to_flat_tensor()?, stats)
+            let (g, stats) = replica.gradient_lazy(&x, &y)?;
+            pending = (pending + stats)?;
+            pending_samples += batch.count;
+            g.to_flat_tensor()?
         };
         let summed = collective.all_reduce_sum(&flat)?;
         let average = summed.affine(1.0 / batch.global_count.max(1) as f64, 0.0)?;
+        optimizer.set_epoch(id.epoch);
         params = optimizer.step(&params, &average)?;
         replica.set_params_from_tensor(&params)?;
         steps += 1;
+        let stats = if batch.last_of_epoch || (id.step + 1).is_multiple_of(REPORT_EVERY) {
+            let read = BatchStats::from_tensor(&pending, pending_samples)?;
+            pending = Tensor::zeros(2, DType::F32, &device)?;
+            pending_samples = 0;
+            read
+        } else {
+            BatchStats::default()
+        };
         let done = pb::StepDone {
             id: Some(id),
             samples: stats.samples,
