@@ -312,12 +312,18 @@ impl JobConfig {
             "mlp-sigmoid" => (mlp(vec![20], Activation::Sigmoid), sgd(0.1), 100, 17),
             "mlp" => (mlp(vec![100, 100], Activation::Relu), adam(1e-3), 64, 3),
             "mlp-leaky" => (mlp(vec![256], Activation::LeakyRelu), adam(1e-4), 200, 10),
+            // Halving the rate every epoch (StepLR, as PyTorch's MNIST example decays its own)
+            // takes this dropout-free CNN past 99% test accuracy in 3 epochs; a constant rate
+            // plateaus near 98.7-98.8% (measured on an H100, see the README).
             "cnn" => (
                 ModelConfig {
                     kind: ModelKind::Cnn,
                     ..mlp(vec![], Activation::Relu)
                 },
-                adam(1e-3),
+                OptimizerConfig {
+                    lr_decay: 0.5,
+                    ..adam(1e-3)
+                },
                 64,
                 3,
             ),

@@ -30,7 +30,8 @@ use crate::progress::EpochProgress;
 use crate::run_dir::{EpochMetrics, RunDir, Summary};
 use crate::service::{Event, Shared, WorkerTx};
 
-/// How many steps ahead of the one being reduced the coordinator streams batches.
+/// How many steps ahead of the one being reduced the coordinator streams batches. (A deeper
+/// queue for NCCL workers, which do not wait on the coordinator, measured no faster on an H100.)
 const PIPELINE_DEPTH: u64 = 2;
 /// How often the engine looks for silent workers while it waits.
 const LIVENESS_CHECK: Duration = Duration::from_millis(200);
