@@ -123,15 +123,7 @@ struct TrainArgs {
 fn main() -> ExitCode {
     lockstep_common::tune_allocator();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Plain lines (no colour codes) in files, pipes and container logs.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    lockstep_common::init_logging();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

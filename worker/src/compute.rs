@@ -84,13 +84,7 @@ pub fn run_grpc(
             data: Bytes::from(gradient),
             compute_ms,
         };
-        if channels
-            .out
-            .send(pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::Gradient(msg)),
-            })
-            .is_err()
-        {
+        if !channels.send(pb::worker_message::Kind::Gradient(msg)) {
             bail!(
                 "the step stream closed while sending the gradient of epoch {} step {}",
                 id.epoch + 1,
@@ -134,9 +128,7 @@ pub fn run_grpc(
                 id: Some(id),
                 sha256: digest(&buffers),
             };
-            let _ = channels.out.send(pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::Digest(msg)),
-            });
+            channels.send(pb::worker_message::Kind::Digest(msg));
         }
     }
     if steps > 0 {
@@ -241,13 +233,7 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
             correct: stats.correct,
             compute_ms: started.elapsed().as_secs_f32() * 1000.0,
         };
-        if channels
-            .out
-            .send(pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::StepDone(done)),
-            })
-            .is_err()
-        {
+        if !channels.send(pb::worker_message::Kind::StepDone(done)) {
             bail!(
                 "the step stream closed after epoch {} step {}",
                 id.epoch + 1,
@@ -267,9 +253,7 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
                     id: Some(id),
                     sha256: digest(&buffers),
                 };
-                let _ = channels.out.send(pb::WorkerMessage {
-                    kind: Some(pb::worker_message::Kind::Digest(msg)),
-                });
+                channels.send(pb::worker_message::Kind::Digest(msg));
             }
             if push_due {
                 push_state(TrainingState {

@@ -59,15 +59,7 @@ fn main() -> ExitCode {
         // candle's CPU kernels read the thread count from here; set before any thread starts.
         std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Plain lines (no colour codes) in files, pipes and container logs.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    lockstep_common::init_logging();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -260,15 +252,12 @@ fn nccl_compute(start: NcclStart) -> Result<tokio::task::JoinHandle<Result<u64>>
         } = start;
         let id = if rank == 0 {
             let id = nccl::new_id()?;
-            let msg = pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::NcclId(pb::NcclId {
-                    id: id.clone().into(),
-                })),
-            };
-            channels
-                .out
-                .send(msg)
-                .map_err(|_| anyhow::anyhow!("the step stream closed before NCCL started"))?;
+            let kind = pb::worker_message::Kind::NcclId(pb::NcclId {
+                id: id.clone().into(),
+            });
+            if !channels.send(kind) {
+                bail!("the step stream closed before NCCL started");
+            }
             id
         } else {
             channels

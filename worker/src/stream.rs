@@ -37,6 +37,15 @@ pub struct StepChannels {
     pub out: mpsc::UnboundedSender<pb::WorkerMessage>,
 }
 
+impl StepChannels {
+    /// Queues a message for the coordinator; false once the stream is gone.
+    pub fn send(&self, kind: pb::worker_message::Kind) -> bool {
+        self.out
+            .send(pb::WorkerMessage { kind: Some(kind) })
+            .is_ok()
+    }
+}
+
 /// Opens the step stream for `rank`; the returned task ends with the stream's [`Outcome`].
 pub async fn open(
     client: &mut Client,
