@@ -94,17 +94,23 @@ pub fn encode_f32(values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Decodes little-endian `f32` bytes into `out`, which must already have the expected length.
-pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+/// Checks that `bytes` hold exactly `expected` little-endian `f32`s.
+fn check_len(bytes: &[u8], expected: usize) -> Result<(), CodecError> {
     if !bytes.len().is_multiple_of(4) {
         return Err(CodecError::Ragged(bytes.len()));
     }
-    if bytes.len() / 4 != out.len() {
+    if bytes.len() / 4 != expected {
         return Err(CodecError::WrongLength {
-            expected: out.len(),
+            expected,
             got: bytes.len() / 4,
         });
     }
+    Ok(())
+}
+
+/// Decodes little-endian `f32` bytes into `out`, which must already have the expected length.
+pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+    check_len(bytes, out.len())?;
     if cfg!(target_endian = "little") {
         // One memcpy into the (aligned) destination; the source may be unaligned.
         bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
@@ -131,15 +137,7 @@ pub fn f32_view<'a>(bytes: &'a [u8], scratch: &'a mut [f32]) -> Result<&'a [f32]
 /// Adds little-endian `f32` bytes element-wise into `acc` (the reducer's inner loop, without
 /// an intermediate decoded copy).
 pub fn add_f32_bytes(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(CodecError::Ragged(bytes.len()));
-    }
-    if bytes.len() / 4 != acc.len() {
-        return Err(CodecError::WrongLength {
-            expected: acc.len(),
-            got: bytes.len() / 4,
-        });
-    }
+    check_len(bytes, acc.len())?;
     for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
         *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
@@ -176,6 +174,13 @@ pub fn digest(buffers: &[&[f32]]) -> String {
         h.update(bytemuck::cast_slice::<f32, u8>(b));
     }
     hex::encode(h.finalize())
+}
+
+/// Digest of a replica's whole training state: its parameters and every optimizer buffer.
+pub fn state_digest(params: &[f32], optimizer: &crate::optim::OptimizerState) -> String {
+    let mut buffers: Vec<&[f32]> = vec![params];
+    buffers.extend(optimizer.buffers.iter().map(|(_, b)| b.as_slice()));
+    digest(&buffers)
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ impl Engine {
                 if cfg.backend == Backend::Grpc {
                     self.reduce_and_apply(reports, here).await?;
                     if schedule::digest_due(step, cfg.cluster.digest_every, step + 1 == steps) {
-                        let d = digest(&self.replica_buffers());
+                        let d = codec::state_digest(&self.params, self.optimizer.state());
                         self.own_digests.insert((epoch, step), d);
                     }
                     self.check_digests()?;
@@ -254,18 +254,6 @@ impl Engine {
         self.run
             .finish(&self.shared.layout, &self.params, &summary)?;
         Ok(summary)
-    }
-
-    fn replica_buffers(&self) -> Vec<&[f32]> {
-        let mut v: Vec<&[f32]> = vec![&self.params];
-        v.extend(
-            self.optimizer
-                .state()
-                .buffers
-                .iter()
-                .map(|(_, b)| b.as_slice()),
-        );
-        v
     }
 
     fn describe_process(&self, index: usize, pid: u32) -> String {

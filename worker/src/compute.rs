@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use candle_core::{DType, Tensor};
 use lockstep_common::checkpoint::{Position, TrainingState};
-use lockstep_common::codec::{self, digest};
+use lockstep_common::codec;
 use lockstep_common::config::JobConfig;
 use lockstep_common::mnist::IMAGE_PIXELS;
 use lockstep_common::model::{batch_tensors, BatchStats, Replica};
@@ -122,11 +122,9 @@ pub fn run_grpc(
         apply_s += received.elapsed().as_secs_f64();
         steps += 1;
         if schedule::digest_due(id.step, config.cluster.digest_every, batch.last_of_epoch) {
-            let mut buffers: Vec<&[f32]> = vec![&params];
-            buffers.extend(optimizer.state().buffers.iter().map(|(_, b)| b.as_slice()));
             let msg = pb::Digest {
                 id: Some(id),
-                sha256: digest(&buffers),
+                sha256: codec::state_digest(&params, optimizer.state()),
             };
             channels.send(pb::worker_message::Kind::Digest(msg));
         }
@@ -247,11 +245,9 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
             let host_params = params.to_vec1::<f32>()?;
             let state = optimizer.state()?;
             if digest_due {
-                let mut buffers: Vec<&[f32]> = vec![&host_params];
-                buffers.extend(state.buffers.iter().map(|(_, b)| b.as_slice()));
                 let msg = pb::Digest {
                     id: Some(id),
-                    sha256: digest(&buffers),
+                    sha256: codec::state_digest(&host_params, &state),
                 };
                 channels.send(pb::worker_message::Kind::Digest(msg));
             }
