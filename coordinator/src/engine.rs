@@ -44,6 +44,25 @@ struct StepReport {
     gradient: Option<Bytes>,
 }
 
+impl StepReport {
+    /// The step report in a worker message (`Gradient` in gRPC mode, `StepDone` in NCCL
+    /// mode) with its step id; any other message is handed back.
+    fn from_message(msg: pb::WorkerMessage) -> Result<(pb::StepId, Self), pb::WorkerMessage> {
+        use pb::worker_message::Kind;
+        let (id, loss_sum, correct, samples, gradient) = match msg.kind {
+            Some(Kind::Gradient(g)) => (g.id, g.loss_sum, g.correct, g.samples, Some(g.data)),
+            Some(Kind::StepDone(d)) => (d.id, d.loss_sum, d.correct, d.samples, None),
+            kind => return Err(pb::WorkerMessage { kind }),
+        };
+        let stats = BatchStats {
+            loss_sum,
+            correct,
+            samples,
+        };
+        Ok((id.unwrap_or_default(), Self { stats, gradient }))
+    }
+}
+
 /// The coordinator's training loop and the replica it keeps.
 pub struct Engine {
     shared: Arc<Shared>,
@@ -60,6 +79,8 @@ pub struct Engine {
     verified: Vec<Option<(u64, u64)>>,
     last_checkpoint: Option<std::path::PathBuf>,
     bytes_moved: u64,
+    /// The reducer's output buffer, reused every step.
+    average: Vec<f32>,
     started: Instant,
 }
 
@@ -100,6 +121,7 @@ impl Engine {
             verified: Vec::new(),
             last_checkpoint: None,
             bytes_moved: 0,
+            average: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -524,37 +546,10 @@ impl Engine {
                     continue;
                 }
             };
-            let (id, report) = match msg.kind {
-                Some(pb::worker_message::Kind::Gradient(g)) => (
-                    g.id.unwrap_or_default(),
-                    StepReport {
-                        stats: BatchStats {
-                            loss_sum: g.loss_sum,
-                            correct: g.correct,
-                            samples: g.samples,
-                        },
-                        gradient: Some(g.data),
-                    },
-                ),
-                Some(pb::worker_message::Kind::StepDone(d)) => (
-                    d.id.unwrap_or_default(),
-                    StepReport {
-                        stats: BatchStats {
-                            loss_sum: d.loss_sum,
-                            correct: d.correct,
-                            samples: d.samples,
-                        },
-                        gradient: None,
-                    },
-                ),
-                other => {
-                    self.handle_other(
-                        Event::Message {
-                            rank,
-                            msg: pb::WorkerMessage { kind: other },
-                        },
-                        here,
-                    )?;
+            let (id, report) = match StepReport::from_message(msg) {
+                Ok(found) => found,
+                Err(msg) => {
+                    self.handle_other(Event::Message { rank, msg }, here)?;
                     continue;
                 }
             };
@@ -582,7 +577,8 @@ impl Engine {
     /// Sums the ranks' gradients in rank order, averages over the global batch, sends the
     /// average to every rank and applies it to the coordinator's replica.
     async fn reduce_and_apply(&mut self, reports: Vec<StepReport>, here: Here) -> Result<()> {
-        let mut sum = vec![0.0f32; self.params.len()];
+        let mut sum = std::mem::take(&mut self.average);
+        sum.resize(self.params.len(), 0.0);
         let parts: Vec<&[u8]> = reports
             .iter()
             .map(|r| {
@@ -613,6 +609,7 @@ impl Engine {
                 .await?;
         }
         self.optimizer.step(&mut self.params, &sum);
+        self.average = sum;
         Ok(())
     }
 
