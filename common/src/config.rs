@@ -23,6 +23,26 @@ pub enum Backend {
     Grpc,
     /// Workers all-reduce among themselves through NCCL (CUDA devices).
     Nccl,
+    /// CPU workers all-reduce among themselves over TCP (rank 0 sums in rank order); the
+    /// coordinator is off the gradient path, as with NCCL.
+    Tcp,
+}
+
+impl Backend {
+    /// True when the workers all-reduce among themselves (NCCL, TCP) rather than through the
+    /// coordinator: the coordinator then relays rank 0's rendezvous, hears only step
+    /// statistics, and takes rank 0's state at epoch ends.
+    pub fn is_collective(self) -> bool {
+        matches!(self, Backend::Nccl | Backend::Tcp)
+    }
+
+    /// The device a local worker of this backend uses, by index.
+    pub fn local_device(self, index: u32) -> String {
+        match self {
+            Backend::Grpc | Backend::Tcp => "cpu".to_string(),
+            Backend::Nccl => format!("cuda:{index}"),
+        }
+    }
 }
 
 impl fmt::Display for Backend {
@@ -30,6 +50,7 @@ impl fmt::Display for Backend {
         f.write_str(match self {
             Backend::Grpc => "grpc",
             Backend::Nccl => "nccl",
+            Backend::Tcp => "tcp",
         })
     }
 }
@@ -40,7 +61,11 @@ impl FromStr for Backend {
         match s {
             "grpc" => Ok(Backend::Grpc),
             "nccl" => Ok(Backend::Nccl),
-            other => bail!("unknown backend `{other}`: use `grpc` (CPU) or `nccl` (CUDA GPUs)"),
+            "tcp" => Ok(Backend::Tcp),
+            other => bail!(
+                "unknown backend `{other}`: use `grpc` (CPU, through the coordinator), `tcp` (CPU, among the workers) \
+                 or `nccl` (CUDA GPUs)"
+            ),
         }
     }
 }
@@ -259,7 +284,8 @@ pub struct JobConfig {
     pub seed: u64,
     /// Number of workers (local processes to spawn, or external ones to wait for).
     pub workers: u32,
-    /// Gradient all-reduce: `grpc` (CPU, through the coordinator) or `nccl` (GPUs).
+    /// Gradient all-reduce: `grpc` (CPU, through the coordinator), `tcp` (CPU, among the
+    /// workers) or `nccl` (GPUs).
     pub backend: Backend,
     /// Folder holding the MNIST IDX files; unset: download into the cache folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -81,6 +81,10 @@ pub struct Engine {
     bytes_moved: u64,
     /// The reducer's output buffer, reused every step.
     average: Vec<f32>,
+    /// Reports for steps after the one being collected: in collective modes a fast rank runs
+    /// ahead of a slow one (by up to the pipeline depth), so its next reports can arrive
+    /// before the slow rank's current one.
+    early: Vec<(u32, pb::StepId, StepReport)>,
     started: Instant,
 }
 
@@ -122,6 +126,7 @@ impl Engine {
             last_checkpoint: None,
             bytes_moved: 0,
             average: Vec::new(),
+            early: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -204,7 +209,7 @@ impl Engine {
             progress.finish();
             let epoch_seconds = epoch_started.elapsed().as_secs_f64();
             train_seconds += epoch_seconds;
-            if cfg.backend == Backend::Nccl {
+            if cfg.backend.is_collective() {
                 self.receive_pushed_state(Here {
                     epoch,
                     step: steps,
@@ -306,6 +311,7 @@ impl Engine {
         let mut txs: Vec<Option<WorkerTx>> = vec![None; world];
         let timeout = Duration::from_secs(self.shared.config.cluster.join_timeout_s as u64);
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut early_rendezvous = None;
         while txs.iter().any(Option::is_none) {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(Event::StreamOpened { rank, tx })) => {
@@ -328,6 +334,13 @@ impl Engine {
                 Ok(Some(Event::Interrupted(sig))) => {
                     bail!("interrupted by {sig} while waiting for workers")
                 }
+                Ok(Some(Event::Message { rank: 0, msg })) => {
+                    // Rank 0 sends its rendezvous as soon as its stream is open, which may be
+                    // before the other ranks have joined: keep it for the relay.
+                    if let Some(pb::worker_message::Kind::Rendezvous(r)) = msg.kind {
+                        early_rendezvous = Some(r);
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => bail!("the coordinator's event queue closed"),
                 Err(_) => {
@@ -343,38 +356,47 @@ impl Engine {
         }
         self.txs = txs.into_iter().flatten().collect();
         self.verified = vec![None; world];
-        if self.shared.config.backend == Backend::Nccl {
-            self.relay_nccl_id(deadline).await?;
+        if self.shared.config.backend.is_collective() {
+            self.relay_rendezvous(early_rendezvous, deadline).await?;
         }
         tracing::info!("all {world} workers connected; training starts");
         Ok(())
     }
 
-    /// NCCL bootstrap: waits for rank 0's unique id and relays it to every other rank.
-    async fn relay_nccl_id(&mut self, deadline: tokio::time::Instant) -> Result<()> {
+    /// Collective bootstrap: waits for rank 0's rendezvous (the NCCL unique id, or its TCP
+    /// address) and relays it to every other rank.
+    async fn relay_rendezvous(
+        &mut self,
+        early: Option<pb::Rendezvous>,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
         let here = Here {
             epoch: 0,
             step: 0,
             steps: 0,
         };
+        let mut found = early;
         loop {
+            if let Some(id) = found.take() {
+                for rank in 1..self.txs.len() {
+                    self.send(
+                        rank,
+                        pb::coordinator_message::Kind::Rendezvous(id.clone()),
+                        here,
+                    )
+                    .await?;
+                }
+                return Ok(());
+            }
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(Event::Message { rank: 0, msg })) => {
-                    if let Some(pb::worker_message::Kind::NcclId(id)) = msg.kind {
-                        for rank in 1..self.txs.len() {
-                            self.send(
-                                rank,
-                                pb::coordinator_message::Kind::NcclId(id.clone()),
-                                here,
-                            )
-                            .await?;
-                        }
-                        return Ok(());
+                    if let Some(pb::worker_message::Kind::Rendezvous(id)) = msg.kind {
+                        found = Some(id);
                     }
                 }
                 Ok(Some(other)) => self.handle_other(other, here)?,
                 Ok(None) => bail!("the coordinator's event queue closed"),
-                Err(_) => bail!("rank 0 did not send its NCCL id before the join timeout"),
+                Err(_) => bail!("rank 0 did not send its rendezvous before the join timeout"),
             }
         }
     }
@@ -490,13 +512,16 @@ impl Engine {
 
     /// Compares the digests workers reported with the coordinator's own at the same step.
     fn check_digests(&mut self) -> Result<()> {
-        if self.shared.config.backend == Backend::Nccl {
-            // No replica here between epochs: rank 0's digest is the reference for the others.
+        if self.shared.config.backend.is_collective() {
+            // No replica here between epochs: rank 0's digest is the reference for the others
+            // (at epoch ends, the digest of the state rank 0 uploaded is, and rank 0 is checked
+            // against it too).
             for (rank, d) in &self.pending_digests {
                 let id = d.id.unwrap_or_default();
                 if *rank == 0 {
                     self.own_digests
-                        .insert((id.epoch, id.step), d.sha256.clone());
+                        .entry((id.epoch, id.step))
+                        .or_insert_with(|| d.sha256.clone());
                 }
             }
         }
@@ -530,6 +555,18 @@ impl Engine {
         let mut reports: Vec<Option<StepReport>> = (0..world).map(|_| None).collect();
         let mut missing = world;
         let membership = self.shared.membership_epoch;
+        let mut later = Vec::new();
+        for (rank, id, report) in std::mem::take(&mut self.early) {
+            if (id.epoch, id.step) == (here.epoch, here.step) {
+                if let Some(slot @ None) = reports.get_mut(rank as usize) {
+                    *slot = Some(report);
+                    missing -= 1;
+                }
+            } else {
+                later.push((rank, id, report));
+            }
+        }
+        self.early = later;
         while missing > 0 {
             let event = match tokio::time::timeout(LIVENESS_CHECK, self.events.recv()).await {
                 Ok(Some(e)) => e,
@@ -553,6 +590,21 @@ impl Engine {
                     continue;
                 }
             };
+            let ahead = (id.epoch, id.step) > (here.epoch, here.step);
+            if id.membership_epoch == membership && ahead {
+                // Only steps whose batches are already out can be reported.
+                if id.epoch != here.epoch || id.step > here.step + PIPELINE_DEPTH {
+                    bail!(
+                        "{} reported epoch {} step {}, whose batch was never sent {}",
+                        self.shared.describe(rank),
+                        id.epoch + 1,
+                        id.step + 1,
+                        self.where_text(here)
+                    );
+                }
+                self.early.push((rank, id, report));
+                continue;
+            }
             if id.epoch != here.epoch || id.step != here.step || id.membership_epoch != membership {
                 tracing::debug!(
                     "dropping a stale report from rank {rank} for epoch {} step {}",
@@ -635,6 +687,21 @@ impl Engine {
                 Event::StatePushed { bytes } => {
                     let (state, _) = TrainingState::from_bytes(&self.shared.layout, &bytes)
                         .context("parsing the state rank 0 uploaded")?;
+                    // The upload must be the state whose digest the ranks agreed on at the
+                    // epoch's last step.
+                    let uploaded = codec::state_digest(&state.params, &state.optimizer);
+                    let key = (here.epoch, here.steps - 1);
+                    match self.own_digests.get(&key) {
+                        Some(reported) if *reported != uploaded => bail!(
+                            "the state rank 0 uploaded after epoch {} has digest {uploaded}, but rank 0 reported {reported} \
+                             for that step; training stopped",
+                            here.epoch + 1
+                        ),
+                        Some(_) => {}
+                        None => {
+                            self.own_digests.insert(key, uploaded);
+                        }
+                    }
                     self.optimizer = Optimizer::with_state(
                         self.shared.config.optimizer.clone(),
                         self.network.num_params(),

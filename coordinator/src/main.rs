@@ -76,7 +76,8 @@ struct ConfigArgs {
     /// Run directory (default runs/<preset>-<date>-<time>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Gradient all-reduce: grpc (CPU, through the coordinator) or nccl (CUDA GPUs).
+    /// Gradient all-reduce: grpc (CPU, through the coordinator), tcp (CPU, among the workers) or
+    /// nccl (CUDA GPUs).
     #[arg(long)]
     backend: Option<String>,
     /// Compute threads per local worker (default: cores / workers).

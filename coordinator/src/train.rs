@@ -110,10 +110,7 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
             (cores / config.workers).max(1)
         };
         let devices = (0..config.workers)
-            .map(|i| match config.backend {
-                Backend::Grpc => "cpu".to_string(),
-                Backend::Nccl => format!("cuda:{i}"),
-            })
+            .map(|i| config.backend.local_device(i))
             .collect();
         let spec = SpawnSpec {
             count: config.workers as usize,

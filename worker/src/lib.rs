@@ -6,6 +6,7 @@
 //! - [`stream`]: the step stream: the network side (batches in, gradients out, heartbeats).
 //! - [`compute`]: the compute thread that owns the model replica.
 //! - [`device`]: parsing `--device` into a candle device.
+//! - [`tcp`]: the all-reduce of CPU workers among themselves (`--backend tcp`).
 //! - `nccl` (feature `cuda`): the NCCL communicator and its bootstrap.
 
 pub mod compute;
@@ -14,3 +15,4 @@ pub mod device;
 pub mod nccl;
 pub mod session;
 pub mod stream;
+pub mod tcp;

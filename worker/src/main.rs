@@ -47,6 +47,10 @@ struct Args {
     /// Only join a job that trains this model (`mlp:100,100:relu`, `cnn`, ...).
     #[arg(long, value_name = "SPEC")]
     model: Option<String>,
+    /// With the tcp backend, the address other workers reach this one at if it becomes rank 0
+    /// (default: this host's address on the route to the coordinator).
+    #[arg(long, env = "LOCKSTEP_ADVERTISE_ADDR", value_name = "IP")]
+    advertise_addr: Option<std::net::IpAddr>,
     /// Protocol version to announce; only for testing the coordinator's refusal.
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
@@ -98,105 +102,115 @@ fn run(args: Args) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let joined = session::join(
-            &args.coordinator,
-            &token,
-            &intro,
-            Duration::from_secs(args.connect_timeout),
-        )
-        .await?;
-        let session::Joined {
-            mut client,
-            reply,
+    let result = runtime.block_on(train(args, token, device, intro));
+    // When the job was aborted, the compute thread may still be blocked in an all-reduce whose
+    // peer is gone (NCCL waits forever): do not wait for it, exit.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result
+}
+
+async fn train(args: Args, token: Token, device: DeviceSpec, intro: Introduction) -> Result<()> {
+    let joined = session::join(
+        &args.coordinator,
+        &token,
+        &intro,
+        Duration::from_secs(args.connect_timeout),
+    )
+    .await?;
+    let session::Joined {
+        mut client,
+        reply,
+        config,
+        network,
+        state,
+    } = joined;
+    tracing::info!(
+        "joined as rank {} of {} ({}): {} on {device}",
+        reply.rank,
+        reply.world_size,
+        session::worker_id(),
+        config.model.describe()
+    );
+    let optimizer = Optimizer::with_state(
+        config.optimizer.clone(),
+        network.num_params(),
+        state.optimizer,
+    )?;
+    let dev = device.open()?;
+    let mut replica = Replica::new(network, &state.params, dev)?;
+    let (channels, reader) = stream::open(
+        &mut client,
+        reply.rank,
+        reply.membership_epoch,
+        Duration::from_millis(reply.heartbeat_interval_ms.max(50) as u64),
+    )
+    .await?;
+    let compute = match config.backend {
+        Backend::Grpc => {
+            let params = state.params;
+            tokio::task::spawn_blocking(move || {
+                lockstep_worker::compute::run_grpc(
+                    &config,
+                    &mut replica,
+                    params,
+                    optimizer,
+                    channels,
+                )
+            })
+        }
+        Backend::Nccl | Backend::Tcp => collective_compute(CollectiveStart {
+            client: client.clone(),
+            rank: reply.rank,
+            world: reply.world_size,
+            config_toml: reply.job_config_toml.clone(),
+            advertise: match args.advertise_addr {
+                Some(ip) => ip,
+                None => route_to(&args.coordinator),
+            },
             config,
-            network,
-            state,
-        } = joined;
-        tracing::info!(
-            "joined as rank {} of {} ({}): {} on {device}",
-            reply.rank,
-            reply.world_size,
-            session::worker_id(),
-            config.model.describe()
-        );
-        let optimizer = Optimizer::with_state(
-            config.optimizer.clone(),
-            network.num_params(),
-            state.optimizer,
-        )?;
-        let dev = device.open()?;
-        let mut replica = Replica::new(network, &state.params, dev)?;
-        let (channels, reader) = stream::open(
-            &mut client,
-            reply.rank,
-            reply.membership_epoch,
-            Duration::from_millis(reply.heartbeat_interval_ms.max(50) as u64),
-        )
-        .await?;
-        let compute = match config.backend {
-            Backend::Grpc => {
-                let params = state.params;
-                tokio::task::spawn_blocking(move || {
-                    lockstep_worker::compute::run_grpc(
-                        &config,
-                        &mut replica,
-                        params,
-                        optimizer,
-                        channels,
-                    )
-                })
-            }
-            Backend::Nccl => nccl_compute(NcclStart {
-                client: client.clone(),
-                rank: reply.rank,
-                world: reply.world_size,
-                config_toml: reply.job_config_toml.clone(),
-                config,
-                replica,
-                state: lockstep_common::checkpoint::TrainingState {
-                    params: state.params,
-                    optimizer: optimizer.state().clone(),
-                    position: state.position,
-                },
-                channels,
-            })?,
-        };
-        tokio::pin!(compute);
-        tokio::pin!(reader);
-        let rank = reply.rank;
-        let mut leave_client = client.clone();
-        tokio::select! {
-            signal = shutdown_signal() => {
-                // Tell the coordinator why this worker goes, so its error names the reason.
-                let _ = leave_client
-                    .leave(lockstep_common::wire::pb::LeaveRequest { rank, reason: format!("received {signal}") })
-                    .await;
-                bail!("stopped by {signal}")
-            }
-            computed = &mut compute => {
-                // The compute loop ends when batches stop coming (the stream ended) or on error.
-                let steps = computed.context("compute thread")??;
-                match reader.await.context("step stream task")? {
-                    Outcome::Finished => {
-                        tracing::info!("training finished after {steps} steps");
-                        Ok(())
-                    }
-                    Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
-                    Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
-                }
-            }
-            outcome = &mut reader => match outcome.context("step stream task")? {
+            replica,
+            state: lockstep_common::checkpoint::TrainingState {
+                params: state.params,
+                optimizer: optimizer.state().clone(),
+                position: state.position,
+            },
+            channels,
+        })?,
+    };
+    tokio::pin!(compute);
+    tokio::pin!(reader);
+    let rank = reply.rank;
+    let mut leave_client = client.clone();
+    tokio::select! {
+        signal = shutdown_signal() => {
+            // Tell the coordinator why this worker goes, so its error names the reason.
+            let _ = leave_client
+                .leave(lockstep_common::wire::pb::LeaveRequest { rank, reason: format!("received {signal}") })
+                .await;
+            bail!("stopped by {signal}")
+        }
+        computed = &mut compute => {
+            // The compute loop ends when batches stop coming (the stream ended) or on error.
+            let steps = computed.context("compute thread")??;
+            match reader.await.context("step stream task")? {
                 Outcome::Finished => {
-                    let steps = compute.await.context("compute thread")??;
                     tracing::info!("training finished after {steps} steps");
                     Ok(())
                 }
                 Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
                 Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
-            },
+            }
         }
-    })
+        outcome = &mut reader => match outcome.context("step stream task")? {
+            Outcome::Finished => {
+                let steps = compute.await.context("compute thread")??;
+                tracing::info!("training finished after {steps} steps");
+                Ok(())
+            }
+            Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
+            Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
+        },
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
@@ -215,69 +229,76 @@ async fn shutdown_signal() -> &'static str {
     "Ctrl-C"
 }
 
-/// What the NCCL step loop starts from.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct NcclStart {
+/// This host's address on the route to the coordinator (what the other workers can most
+/// likely reach); loopback when it cannot be found.
+fn route_to(coordinator: &str) -> std::net::IpAddr {
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let Some(host_port) = coordinator
+        .split("://")
+        .last()
+        .map(|rest| rest.split('/').next().unwrap_or(rest))
+    else {
+        return loopback;
+    };
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect(host_port).map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(loopback)
+}
+
+/// What the collective (NCCL, TCP) step loop starts from.
+struct CollectiveStart {
     client: session::Client,
     rank: u32,
     world: u32,
     config_toml: String,
+    /// Where this worker listens for the other ranks if it is rank 0 (TCP).
+    advertise: std::net::IpAddr,
     config: JobConfig,
     replica: Replica,
     state: TrainingState,
     channels: StepChannels,
 }
 
-/// Bootstraps NCCL through the coordinator and runs the collective step loop on the compute
-/// thread.
-#[cfg(feature = "cuda")]
-fn nccl_compute(start: NcclStart) -> Result<tokio::task::JoinHandle<Result<u64>>> {
-    use lockstep_common::optim::DeviceOptimizer;
-    use lockstep_common::wire::{self, pb};
-    use lockstep_worker::compute::{run_collective, CollectiveRun};
-    use lockstep_worker::nccl::{self, Nccl};
+/// How long the ranks wait for each other while the collective is set up.
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-    const NCCL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Sets up the collective through the coordinator's rendezvous relay and runs the collective
+/// step loop on the compute thread.
+fn collective_compute(start: CollectiveStart) -> Result<tokio::task::JoinHandle<Result<u64>>> {
+    use lockstep_common::optim::DeviceOptimizer;
+    use lockstep_common::wire;
+    use lockstep_worker::compute::{run_collective, Collective, CollectiveRun};
+
     let handle = tokio::runtime::Handle::current();
     Ok(tokio::task::spawn_blocking(move || {
-        let NcclStart {
+        let CollectiveStart {
             mut client,
             rank,
             world,
             config_toml,
+            advertise,
             config,
             mut replica,
             state,
             channels,
         } = start;
-        let id = if rank == 0 {
-            let id = nccl::new_id()?;
-            let kind = pb::worker_message::Kind::NcclId(pb::NcclId {
-                id: id.clone().into(),
-            });
-            if !channels.send(kind) {
-                bail!("the step stream closed before NCCL started");
-            }
-            id
-        } else {
-            channels
-                .nccl_ids
-                .recv_timeout(NCCL_TIMEOUT)
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "rank 0's NCCL id did not arrive within {}s",
-                        NCCL_TIMEOUT.as_secs()
-                    )
-                })?
-                .id
-                .to_vec()
-        };
         let device = replica.device().clone();
-        let mut collective =
-            Nccl::connect(&device, &id, rank as usize, world as usize, NCCL_TIMEOUT)?;
-        tracing::info!("NCCL communicator ready: rank {rank} of {world}");
-        let n = state.params.len();
-        let params = candle_core::Tensor::from_slice(&state.params, n, &device)?;
+        let len = state.params.len();
+        let mut collective: Box<dyn Collective> = match config.backend {
+            Backend::Tcp => Box::new(tcp_collective(
+                &channels, rank, world, len, advertise, &device,
+            )?),
+            _ => nccl_collective(&channels, rank, world, &device)?,
+        };
+        tracing::info!(
+            "{} collective ready: rank {rank} of {world}",
+            config.backend
+        );
+        let params = candle_core::Tensor::from_slice(&state.params, len, &device)?;
         let optimizer = DeviceOptimizer::new(config.optimizer.clone(), &state.optimizer, &device)?;
         let layout = replica.network().layout().to_vec();
         let mut push = |st: TrainingState| -> Result<()> {
@@ -293,15 +314,72 @@ fn nccl_compute(start: NcclStart) -> Result<tokio::task::JoinHandle<Result<u64>>
             params,
             optimizer,
             channels,
-            collective: &mut collective,
+            collective: collective.as_mut(),
             push_state: &mut push,
         })
     }))
 }
 
+/// The tcp backend: rank 0 listens and sends its address through the coordinator; the other
+/// ranks connect to it.
+fn tcp_collective(
+    channels: &StepChannels,
+    rank: u32,
+    world: u32,
+    len: usize,
+    advertise: std::net::IpAddr,
+    device: &candle_core::Device,
+) -> Result<lockstep_worker::tcp::TcpCollective> {
+    use lockstep_worker::tcp::{Host, Rendezvous, TcpCollective};
+    if rank == 0 {
+        let host = Host::bind(advertise)?;
+        tracing::info!(
+            "rank 0 listens for the other ranks on {}",
+            host.rendezvous().addr
+        );
+        channels.rendezvous(0, Some(host.rendezvous().to_bytes()), COLLECTIVE_TIMEOUT)?;
+        host.accept(world, len, device, COLLECTIVE_TIMEOUT)
+    } else {
+        let relayed = channels.rendezvous(rank, None, COLLECTIVE_TIMEOUT)?;
+        let rendezvous = Rendezvous::parse(&relayed)?;
+        TcpCollective::connect(&rendezvous, rank, world, len, device, COLLECTIVE_TIMEOUT)
+    }
+}
+
+/// The nccl backend: rank 0 creates the NCCL unique id, the coordinator relays it, and every
+/// rank creates its communicator (with a time limit).
+#[cfg(feature = "cuda")]
+fn nccl_collective(
+    channels: &StepChannels,
+    rank: u32,
+    world: u32,
+    device: &candle_core::Device,
+) -> Result<Box<dyn lockstep_worker::compute::Collective>> {
+    use lockstep_worker::nccl::{self, Nccl};
+    let own = if rank == 0 {
+        Some(nccl::new_id()?)
+    } else {
+        None
+    };
+    let id = channels.rendezvous(rank, own, COLLECTIVE_TIMEOUT)?;
+    let comm = Nccl::connect(
+        device,
+        &id,
+        rank as usize,
+        world as usize,
+        COLLECTIVE_TIMEOUT,
+    )?;
+    Ok(Box::new(comm))
+}
+
 /// Without the `cuda` feature there is no NCCL: refuse clearly.
 #[cfg(not(feature = "cuda"))]
-fn nccl_compute(_start: NcclStart) -> Result<tokio::task::JoinHandle<Result<u64>>> {
+fn nccl_collective(
+    _channels: &StepChannels,
+    _rank: u32,
+    _world: u32,
+    _device: &candle_core::Device,
+) -> Result<Box<dyn lockstep_worker::compute::Collective>> {
     bail!(
         "the job uses the nccl backend, but this lockstep-worker was built without the `cuda` feature; \
          rebuild with `cargo build --release --features cuda`"

@@ -31,8 +31,8 @@ pub struct StepChannels {
     pub batches: std_mpsc::Receiver<pb::Batch>,
     /// Reduced gradients, in step order.
     pub reduced: std_mpsc::Receiver<pb::Reduced>,
-    /// NCCL unique ids relayed by the coordinator (NCCL mode, ranks other than 0).
-    pub nccl_ids: std_mpsc::Receiver<pb::NcclId>,
+    /// Rank 0's rendezvous, relayed by the coordinator (collective modes, ranks other than 0).
+    pub rendezvous: std_mpsc::Receiver<pb::Rendezvous>,
     /// Messages to the coordinator.
     pub out: mpsc::UnboundedSender<pb::WorkerMessage>,
 }
@@ -43,6 +43,37 @@ impl StepChannels {
         self.out
             .send(pb::WorkerMessage { kind: Some(kind) })
             .is_ok()
+    }
+
+    /// The collective bootstrap: rank 0 sends `own` (its rendezvous) to the coordinator, and
+    /// gets it back; every other rank waits up to `timeout` for rank 0's, relayed.
+    pub fn rendezvous(
+        &self,
+        rank: u32,
+        own: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<u8>> {
+        if rank == 0 {
+            let own = own.context("rank 0 must bring its rendezvous")?;
+            let kind = pb::worker_message::Kind::Rendezvous(pb::Rendezvous {
+                id: own.clone().into(),
+            });
+            anyhow::ensure!(
+                self.send(kind),
+                "the step stream closed before the collective started"
+            );
+            return Ok(own);
+        }
+        match self.rendezvous.recv_timeout(timeout) {
+            Ok(r) => Ok(r.id.to_vec()),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => anyhow::bail!(
+                "rank 0's rendezvous did not arrive within {}s",
+                timeout.as_secs()
+            ),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("the step stream closed before rank 0's rendezvous arrived")
+            }
+        }
     }
 }
 
@@ -90,7 +121,7 @@ pub async fn open(
 
     let (batch_tx, batch_rx) = std_mpsc::channel();
     let (reduced_tx, reduced_rx) = std_mpsc::channel();
-    let (nccl_tx, nccl_rx) = std_mpsc::channel();
+    let (rendezvous_tx, rendezvous_rx) = std_mpsc::channel();
     let reader = tokio::spawn(async move {
         use pb::coordinator_message::Kind;
         loop {
@@ -99,7 +130,7 @@ pub async fn open(
                     let delivered = match msg.kind {
                         Some(Kind::Batch(b)) => batch_tx.send(b).is_ok(),
                         Some(Kind::Reduced(r)) => reduced_tx.send(r).is_ok(),
-                        Some(Kind::NcclId(id)) => nccl_tx.send(id).is_ok(),
+                        Some(Kind::Rendezvous(r)) => rendezvous_tx.send(r).is_ok(),
                         Some(Kind::Finish(_)) => return Outcome::Finished,
                         Some(Kind::Abort(a)) => return Outcome::Aborted(a.reason),
                         Some(other) => {
@@ -123,7 +154,7 @@ pub async fn open(
         StepChannels {
             batches: batch_rx,
             reduced: reduced_rx,
-            nccl_ids: nccl_rx,
+            rendezvous: rendezvous_rx,
             out: out_tx,
         },
         reader,
