@@ -27,10 +27,30 @@ fn start_training_then(
     extra_env: &[(&str, &str)],
     limit: Duration,
 ) -> (std::process::Output, Duration) {
+    let (out, took, _, _) = signal_rank_during_training(1, signal_no, extra_env, &[], limit);
+    (out, took)
+}
+
+/// Starts a 2-worker mlp job with `extra_args`, sends `signal_no` to the worker of rank
+/// `rank` once training runs, and waits for the job to end. Returns its output, the time from
+/// the signal to the end, the run directory and the other worker's log file.
+fn signal_rank_during_training(
+    rank: u32,
+    signal_no: i32,
+    extra_env: &[(&str, &str)],
+    extra_args: &[&str],
+    limit: Duration,
+) -> (
+    std::process::Output,
+    Duration,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut cmd = train_command(&run);
-    cmd.args(["--preset", "mlp", "--epochs", "20", "--workers", "2"]);
+    cmd.args(["--preset", "mlp", "--epochs", "20", "--workers", "2"])
+        .args(extra_args);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -39,17 +59,24 @@ fn start_training_then(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log = wait_for_text(
-        &run.join("logs/worker-1.log"),
-        "joined as rank",
-        Duration::from_secs(60),
-    );
-    let pid = worker_pid_from_log(&log);
+    let logs: Vec<_> = (0..2)
+        .map(|i| run.join(format!("logs/worker-{i}.log")))
+        .collect();
+    let texts: Vec<String> = logs
+        .iter()
+        .map(|l| wait_for_text(l, "joined as rank", Duration::from_secs(60)))
+        .collect();
+    let target = texts
+        .iter()
+        .position(|t| t.contains(&format!("joined as rank {rank} ")))
+        .expect("a worker has the rank");
+    let pid = worker_pid_from_log(&texts[target]);
     std::thread::sleep(Duration::from_millis(1500));
     signal(pid, signal_no);
     let signalled = Instant::now();
     let out = wait_with_limit(child, limit);
-    (out, signalled.elapsed())
+    let other = logs[1 - target].clone();
+    (out, signalled.elapsed(), dir, other)
 }
 
 #[test]
@@ -77,6 +104,38 @@ fn a_frozen_worker_is_declared_dead_after_the_heartbeat_timeout() {
         took < Duration::from_secs(10),
         "took {took:?} to notice the frozen worker:\n{err}"
     );
+}
+
+/// With the workers all-reducing among themselves (the NCCL layout, here over TCP), rank 0
+/// sits in the all-reduce waiting for rank 1. When rank 1 dies, or freezes so that only the
+/// coordinator's heartbeat timeout can tell, the job must still end within seconds, and rank 0
+/// must exit by itself (its log ends with its own error) rather than wait for the kill.
+#[test]
+fn a_dead_or_frozen_tcp_worker_ends_the_job_and_the_rank_waiting_on_it_exits_by_itself() {
+    let cases = [
+        (libc::SIGKILL, "worker rank"),
+        (libc::SIGSTOP, "heartbeat timeout"),
+    ];
+    for (sig, needle) in cases {
+        let (out, took, _dir, survivor) = signal_rank_during_training(
+            1,
+            sig,
+            &[("LOCKSTEP_CLUSTER__HEARTBEAT_TIMEOUT_MS", "1500")],
+            &["--backend", "tcp"],
+            Duration::from_secs(30),
+        );
+        let err = assert_clean_failure(&out, &[needle, "training stopped"]);
+        assert!(
+            took < Duration::from_secs(10),
+            "signal {sig}: took {took:?} to end the job:\n{err}"
+        );
+        let log = std::fs::read_to_string(&survivor).unwrap();
+        assert!(
+            log.contains("joined as rank 0") && log.contains("error: "),
+            "signal {sig}: rank 0 did not exit by itself:\n{log}"
+        );
+        assert!(!log.contains("panicked"), "{log}");
+    }
 }
 
 #[test]
