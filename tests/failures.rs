@@ -138,6 +138,33 @@ fn a_dead_or_frozen_tcp_worker_ends_the_job_and_the_rank_waiting_on_it_exits_by_
     }
 }
 
+/// A worker that is alive (its heartbeats come) but makes no progress must not hold the job
+/// forever: here a CNN step over a large batch takes far longer than a 1 s step timeout.
+#[test]
+fn a_step_that_outlasts_the_step_timeout_ends_the_job_naming_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = run_with_limit(
+        train_command(&dir.path().join("run"))
+            .args(["--preset", "cnn", "--batch-size", "8192", "--workers", "1"])
+            .env("LOCKSTEP_CLUSTER__STEP_TIMEOUT_S", "1"),
+        Duration::from_secs(60),
+    );
+    let err = assert_clean_failure(
+        &out,
+        &[
+            "no report from worker rank 0",
+            "cluster.step_timeout_s",
+            "epoch 1 step 1/",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}:\n{err}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_truncated_or_corrupt_dataset_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -269,6 +269,9 @@ pub struct ClusterConfig {
     pub join_timeout_s: u32,
     /// Workers report a parameter digest every this many steps (and at every epoch end).
     pub digest_every: u32,
+    /// A step whose reports are not all in after this long ends the job, even when every
+    /// worker is alive (heartbeats come) but one stopped making progress.
+    pub step_timeout_s: u32,
 }
 
 /// Everything that defines a training job.
@@ -378,6 +381,7 @@ impl JobConfig {
                 heartbeat_timeout_ms: 5000,
                 join_timeout_s: 120,
                 digest_every: 200,
+                step_timeout_s: 300,
             },
         })
     }
@@ -444,6 +448,9 @@ impl JobConfig {
                 c.heartbeat_timeout_ms,
                 c.heartbeat_interval_ms
             );
+        }
+        if c.step_timeout_s == 0 {
+            bail!("cluster.step_timeout_s must be at least 1");
         }
         if c.digest_every == 0 {
             bail!("cluster.digest_every must be at least 1");

@@ -555,6 +555,8 @@ impl Engine {
         let mut reports: Vec<Option<StepReport>> = (0..world).map(|_| None).collect();
         let mut missing = world;
         let membership = self.shared.membership_epoch;
+        let limit = Duration::from_secs(self.shared.config.cluster.step_timeout_s as u64);
+        let deadline = Instant::now() + limit;
         let mut later = Vec::new();
         for (rank, id, report) in std::mem::take(&mut self.early) {
             if (id.epoch, id.step) == (here.epoch, here.step) {
@@ -573,6 +575,21 @@ impl Engine {
                 Ok(None) => bail!("the coordinator's event queue closed"),
                 Err(_) => {
                     self.check_liveness(here)?;
+                    if Instant::now() > deadline {
+                        let waiting: Vec<String> = reports
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, r)| r.is_none())
+                            .map(|(rank, _)| self.shared.describe(rank as u32))
+                            .collect();
+                        bail!(
+                            "no report from {} for {}s (cluster.step_timeout_s), although its heartbeats \
+                             still come: it stopped making progress {}",
+                            waiting.join(", "),
+                            limit.as_secs(),
+                            self.where_text(here)
+                        );
+                    }
                     continue;
                 }
             };
