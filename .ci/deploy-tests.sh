@@ -7,6 +7,8 @@
 # users build. Then:
 #   compose-train    docker compose with 2 workers trains one epoch of `mlp` on the real MNIST
 #                    and reaches >= 95% test accuracy (read from the run directory)
+#   compose-train-tcp  the same with --backend tcp: the workers all-reduce with each other
+#                    across containers (rank 0's address comes through the coordinator)
 #   compose-kill     killing one worker container mid-run ends the job with a clear error that
 #                    names the worker, within a bounded time (no hang)
 #   compose-freeze   the same with the worker frozen (docker pause): its connection stays open,
@@ -166,25 +168,26 @@ container_of() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# (b) One epoch of mlp with 2 workers through docker compose, >= 95% test accuracy.
+# (b) One epoch of mlp with 2 workers through docker compose, >= 95% test accuracy, with the
+# given backend (grpc; tcp: the workers connect to each other across containers).
 test_compose_train() {
-  local project=$ID-train runs rc
-  runs=$(new_runs_dir train)
-  log "compose-train: project $project, runs in $runs"
+  local backend=$1 project=$ID-train-$1 runs rc
+  runs=$(new_runs_dir "train-$backend")
+  log "compose-train ($backend): project $project, runs in $runs"
   set +e
-  LOCKSTEP_RUNS=$runs timeout "$TRAIN_DEADLINE_S" "${COMPOSE[@]}" -p "$project" -f "$REPO/deploy/docker-compose.yml" \
-    up --scale worker=2 --exit-code-from coordinator --no-color >"$WORK/train.log" 2>&1
+  LOCKSTEP_BACKEND=$backend LOCKSTEP_RUNS=$runs timeout "$TRAIN_DEADLINE_S" "${COMPOSE[@]}" -p "$project" -f "$REPO/deploy/docker-compose.yml" \
+    up --scale worker=2 --exit-code-from coordinator --no-color >"$WORK/train-$backend.log" 2>&1
   rc=$?
   set -e
   if [ "$rc" -ne 0 ]; then
-    tail -n 40 "$WORK/train.log"
+    tail -n 40 "$WORK/train-$backend.log"
     echo "docker compose up exited $rc"
     return 1
   fi
-  grep -E '^coordinator.*(done|accuracy)' "$WORK/train.log" | tail -n 2 | plain || true
-  python3 - "$runs" "${LOCKSTEP_USER:-10001}" <<'PY'
+  grep -E '^coordinator.*(done|accuracy)' "$WORK/train-$backend.log" | tail -n 2 | plain || true
+  python3 - "$runs" "${LOCKSTEP_USER:-10001}" "$backend" <<'PY'
 import glob, json, os, sys
-runs, user = sys.argv[1], int(sys.argv[2].split(":")[0])
+runs, user, backend = sys.argv[1], int(sys.argv[2].split(":")[0]), sys.argv[3]
 dirs = glob.glob(f"{runs}/*/metrics.jsonl")
 assert len(dirs) == 1, f"expected one run directory with metrics.jsonl in {runs}, found {dirs}"
 run = dirs[0].rsplit("/", 1)[0]
@@ -195,12 +198,14 @@ for key in ("epoch", "train_loss", "test_loss", "test_accuracy", "epoch_seconds"
             "samples_per_second", "workers", "bytes_per_step"):
     assert key in m, f"metrics.jsonl lacks {key}: {m}"
 assert m["workers"] == 2, f"expected 2 workers, metrics say {m['workers']}"
+summary = json.load(open(f"{run}/summary.json"))
+assert summary["backend"] == backend, f"expected backend {backend}, summary says {summary['backend']}"
 for f in ("config.toml", "summary.json", "model.safetensors"):
     assert glob.glob(f"{run}/{f}"), f"{run} lacks {f}"
 owner = os.stat(f"{run}/model.safetensors").st_uid
 assert owner == user, f"the run directory was written by uid {owner}, expected the container user {user}"
 acc = m["test_accuracy"]
-print(f"  test_accuracy {acc:.4f} after 1 epoch of mlp with 2 container workers "
+print(f"  test_accuracy {acc:.4f} after 1 epoch of mlp with 2 container workers ({backend}) "
       f"({m['samples_per_second']:.0f} samples/s, {m['epoch_seconds']:.1f} s)")
 assert acc >= 0.95, f"test accuracy {acc:.4f} < 0.95"
 PY
@@ -508,7 +513,8 @@ needs_image() {
 }
 
 run_check image-assembly build_test_image
-run_check compose-train needs_image test_compose_train
+run_check compose-train needs_image test_compose_train grpc
+run_check compose-train-tcp needs_image test_compose_train tcp
 run_check compose-kill needs_image test_compose_lose_worker kill
 run_check compose-freeze needs_image test_compose_lose_worker freeze
 run_check k8s-validate test_k8s_validate
