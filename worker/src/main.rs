@@ -385,3 +385,18 @@ fn nccl_collective(
          rebuild with `cargo build --release --features cuda`"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_0_advertises_its_address_on_the_route_to_the_coordinator() {
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(route_to("http://127.0.0.1:50051"), loopback);
+        assert_eq!(route_to("http://127.0.0.1:50051/"), loopback);
+        // Unresolvable: fall back to loopback rather than fail.
+        assert_eq!(route_to("http://no-such-host.invalid:1"), loopback);
+        assert_eq!(route_to("not a url"), loopback);
+    }
+}
