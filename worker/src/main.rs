@@ -290,7 +290,13 @@ fn collective_compute(start: CollectiveStart) -> Result<tokio::task::JoinHandle<
         let len = state.params.len();
         let mut collective: Box<dyn Collective> = match config.backend {
             Backend::Tcp => Box::new(tcp_collective(
-                &channels, rank, world, len, advertise, &device,
+                &channels,
+                rank,
+                world,
+                len,
+                advertise,
+                &device,
+                Duration::from_secs(config.cluster.step_timeout_s as u64),
             )?),
             _ => nccl_collective(&channels, rank, world, &device)?,
         };
@@ -329,21 +335,24 @@ fn tcp_collective(
     len: usize,
     advertise: std::net::IpAddr,
     device: &candle_core::Device,
+    step_timeout: Duration,
 ) -> Result<lockstep_worker::tcp::TcpCollective> {
     use lockstep_worker::tcp::{Host, Rendezvous, TcpCollective};
-    if rank == 0 {
+    let mut collective = if rank == 0 {
         let host = Host::bind(advertise)?;
         tracing::info!(
             "rank 0 listens for the other ranks on {}",
             host.rendezvous().addr
         );
         channels.rendezvous(0, Some(host.rendezvous().to_bytes()), COLLECTIVE_TIMEOUT)?;
-        host.accept(world, len, device, COLLECTIVE_TIMEOUT)
+        host.accept(world, len, device, COLLECTIVE_TIMEOUT)?
     } else {
         let relayed = channels.rendezvous(rank, None, COLLECTIVE_TIMEOUT)?;
         let rendezvous = Rendezvous::parse(&relayed)?;
-        TcpCollective::connect(&rendezvous, rank, world, len, device, COLLECTIVE_TIMEOUT)
-    }
+        TcpCollective::connect(&rendezvous, rank, world, len, device, COLLECTIVE_TIMEOUT)?
+    };
+    collective.set_step_timeout(step_timeout)?;
+    Ok(collective)
 }
 
 /// The nccl backend: rank 0 creates the NCCL unique id, the coordinator relays it, and every

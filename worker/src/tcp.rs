@@ -28,9 +28,10 @@ use lockstep_common::codec;
 use crate::compute::Collective;
 
 const MAGIC: &[u8; 8] = b"LSTCP\x00\x00\x01";
-/// How long a rank waits for another rank's gradient before giving up; far beyond any step
-/// (the coordinator's heartbeat timeout catches a dead or frozen worker much sooner).
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a rank waits for another rank's gradient before giving up, unless set with
+/// [`TcpCollective::set_step_timeout`] (the worker uses `cluster.step_timeout_s`); the
+/// coordinator's heartbeat timeout catches a dead or frozen worker much sooner.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an accepted connection has to present its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -174,6 +175,7 @@ pub struct TcpCollective {
     /// Rank 0: the connections of ranks 1.. in rank order. Other ranks: the one to rank 0.
     peers: Vec<TcpStream>,
     device: Device,
+    step_timeout: Duration,
     seq: u64,
     frame: Vec<u8>,
     scratch: Vec<f32>,
@@ -236,16 +238,29 @@ impl TcpCollective {
         for p in &peers {
             p.set_nodelay(true)?;
             p.set_read_timeout(Some(STEP_TIMEOUT))?;
+            p.set_write_timeout(Some(STEP_TIMEOUT))?;
         }
         Ok(Self {
             rank,
             peers,
             device: device.clone(),
+            step_timeout: STEP_TIMEOUT,
             seq: 0,
             frame: Vec::new(),
             scratch: Vec::new(),
             sum: Vec::new(),
         })
+    }
+
+    /// How long to wait for another rank's frame before failing.
+    pub fn set_step_timeout(&mut self, timeout: Duration) -> Result<()> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        for p in &self.peers {
+            p.set_read_timeout(Some(timeout))?;
+            p.set_write_timeout(Some(timeout))?;
+        }
+        self.step_timeout = timeout;
+        Ok(())
     }
 
     /// The sum over all ranks of `values`, added in rank order.
@@ -262,7 +277,7 @@ impl TcpCollective {
             }
             for (i, peer) in self.peers.iter_mut().enumerate() {
                 let rank = i + 1;
-                read_frame(peer, seq, &mut self.frame)
+                read_frame(peer, seq, &mut self.frame, self.step_timeout)
                     .with_context(|| format!("receiving rank {rank}'s gradient"))?;
                 self.scratch.resize(values.len(), 0.0);
                 let theirs = codec::f32_view(&self.frame, &mut self.scratch)
@@ -276,14 +291,17 @@ impl TcpCollective {
                 .map_err(|e| anyhow!("the summed gradient overflowed: {e}"))?;
             codec::encode_f32_into(&self.sum, &mut self.frame);
             for (i, peer) in self.peers.iter_mut().enumerate() {
-                write_frame(peer, seq, &self.frame)
+                write_frame(peer, seq, &self.frame, self.step_timeout)
                     .with_context(|| format!("sending the sum to rank {}", i + 1))?;
             }
         } else {
             codec::encode_f32_into(values, &mut self.frame);
             let peer = &mut self.peers[0];
-            write_frame(peer, seq, &self.frame).context("sending the gradient to rank 0")?;
-            read_frame(peer, seq, &mut self.frame).context("receiving the sum from rank 0")?;
+            let timeout = self.step_timeout;
+            write_frame(peer, seq, &self.frame, timeout)
+                .context("sending the gradient to rank 0")?;
+            read_frame(peer, seq, &mut self.frame, timeout)
+                .context("receiving the sum from rank 0")?;
             self.sum.resize(values.len(), 0.0);
             codec::decode_f32_into(&self.frame, &mut self.sum)
                 .map_err(|e| anyhow!("rank 0 sent a malformed sum: {e}"))?;
@@ -344,7 +362,8 @@ fn read_reply(stream: &mut TcpStream) -> Result<String> {
     Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
-fn write_frame(stream: &mut TcpStream, seq: u64, payload: &[u8]) -> Result<()> {
+fn write_frame(stream: &mut TcpStream, seq: u64, payload: &[u8], timeout: Duration) -> Result<()> {
+    let io_error = |e| io_error(e, timeout);
     let mut header = [0u8; 16];
     header[..8].copy_from_slice(&seq.to_le_bytes());
     header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -355,7 +374,13 @@ fn write_frame(stream: &mut TcpStream, seq: u64, payload: &[u8]) -> Result<()> {
 
 /// Reads one frame of step `seq` into `payload`; its length must match what is already
 /// expected (`payload`'s capacity is reused).
-fn read_frame(stream: &mut TcpStream, seq: u64, payload: &mut Vec<u8>) -> Result<()> {
+fn read_frame(
+    stream: &mut TcpStream,
+    seq: u64,
+    payload: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<()> {
+    let io_error = |e| io_error(e, timeout);
     let mut header = [0u8; 16];
     stream.read_exact(&mut header).map_err(io_error)?;
     let got = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
@@ -372,15 +397,15 @@ fn read_frame(stream: &mut TcpStream, seq: u64, payload: &mut Vec<u8>) -> Result
 }
 
 /// Says what a broken connection means for the user.
-fn io_error(e: io::Error) -> anyhow::Error {
+fn io_error(e: io::Error, timeout: Duration) -> anyhow::Error {
     match e.kind() {
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionAborted => anyhow!("the other rank closed the connection ({e})"),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => anyhow!(
-            "the other rank sent nothing for {}s",
-            STEP_TIMEOUT.as_secs()
+            "the other rank sent nothing for {:.1}s",
+            timeout.as_secs_f64()
         ),
         _ => anyhow!(e),
     }
@@ -513,6 +538,23 @@ mod tests {
                 format!("{err:#}").contains("receiving rank 1's gradient"),
                 "{err:#}"
             );
+        });
+    }
+
+    #[test]
+    fn a_rank_that_stays_connected_but_silent_times_out() {
+        let h = host();
+        let rv = h.rendezvous().clone();
+        std::thread::scope(|s| {
+            let zero = s.spawn(|| h.accept(2, 4, &Device::Cpu, Duration::from_secs(10)));
+            let _one =
+                TcpCollective::connect(&rv, 1, 2, 4, &Device::Cpu, Duration::from_secs(5)).unwrap();
+            let mut zero = zero.join().unwrap().unwrap();
+            zero.set_step_timeout(Duration::from_millis(200)).unwrap();
+            let started = Instant::now();
+            let err = format!("{:#}", zero.sum(&[1.0; 4]).unwrap_err());
+            assert!(err.contains("sent nothing for 0.2s"), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(5));
         });
     }
 }
