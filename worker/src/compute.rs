@@ -44,6 +44,32 @@ pub fn validate_batch(b: &pb::Batch) -> Result<()> {
     Ok(())
 }
 
+/// Where a worker's step time goes, logged when the loop ends. (On a GPU the kernels run
+/// asynchronously: there the figures say where the host waits, not where the device works.)
+#[derive(Default)]
+struct StepTimes {
+    steps: u64,
+    compute_s: f64,
+    wait_s: f64,
+    apply_s: f64,
+}
+
+impl StepTimes {
+    fn log(&self) {
+        if self.steps == 0 {
+            return;
+        }
+        let per = |s: f64| s * 1000.0 / self.steps as f64;
+        tracing::info!(
+            "{} steps: {:.3} ms/step computing gradients, {:.3} ms/step waiting for the all-reduce, {:.3} ms/step applying it",
+            self.steps,
+            per(self.compute_s),
+            per(self.wait_s),
+            per(self.apply_s)
+        );
+    }
+}
+
 /// Runs the gRPC-mode step loop until the coordinator stops sending batches. Returns the
 /// number of steps applied.
 pub fn run_grpc(
@@ -56,8 +82,7 @@ pub fn run_grpc(
     let len = params.len();
     let mut average = vec![0.0f32; len];
     let mut scratch = Vec::new();
-    let mut steps = 0;
-    let (mut compute_s, mut wait_s, mut apply_s) = (0.0f64, 0.0f64, 0.0f64);
+    let mut times = StepTimes::default();
     while let Ok(batch) = channels.batches.recv() {
         validate_batch(&batch)?;
         let id = batch.id.unwrap_or_default();
@@ -92,10 +117,10 @@ pub fn run_grpc(
             );
         }
         let sent = Instant::now();
-        compute_s += (sent - started).as_secs_f64();
+        times.compute_s += (sent - started).as_secs_f64();
         let reduced = channels.reduced.recv();
         let received = Instant::now();
-        wait_s += (received - sent).as_secs_f64();
+        times.wait_s += (received - sent).as_secs_f64();
         let Ok(reduced) = reduced else {
             bail!(
                 "the step stream ended while waiting for the average gradient of epoch {} step {}",
@@ -119,8 +144,8 @@ pub fn run_grpc(
         optimizer.set_epoch(id.epoch);
         optimizer.step(&mut params, average);
         replica.set_params(&params)?;
-        apply_s += received.elapsed().as_secs_f64();
-        steps += 1;
+        times.apply_s += received.elapsed().as_secs_f64();
+        times.steps += 1;
         if schedule::digest_due(id.step, config.cluster.digest_every, batch.last_of_epoch) {
             let msg = pb::Digest {
                 id: Some(id),
@@ -129,16 +154,8 @@ pub fn run_grpc(
             channels.send(pb::worker_message::Kind::Digest(msg));
         }
     }
-    if steps > 0 {
-        let per = |s: f64| s * 1000.0 / steps as f64;
-        tracing::info!(
-            "{steps} steps: {:.3} ms/step computing gradients, {:.3} ms/step waiting for the all-reduce, {:.3} ms/step applying it",
-            per(compute_s),
-            per(wait_s),
-            per(apply_s)
-        );
-    }
-    Ok(steps)
+    times.log();
+    Ok(times.steps)
 }
 
 /// A device-side all-reduce among the ranks (NCCL between GPUs).
@@ -184,7 +201,7 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
     let len = params.elem_count();
     let device = replica.device().clone();
     let mut scratch = Vec::new();
-    let mut steps = 0;
+    let mut times = StepTimes::default();
     // Loss and accuracy accumulate on the device and are read (a host synchronisation) only
     // every REPORT_EVERY steps and at epoch ends; the steps in between report zeros, and the
     // coordinator's epoch totals (sums) come out the same.
@@ -210,12 +227,17 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
             pending_samples += batch.count;
             g.to_flat_tensor()?
         };
+        let computed = Instant::now();
+        times.compute_s += (computed - started).as_secs_f64();
         let summed = collective.all_reduce_sum(&flat)?;
+        let reduced = Instant::now();
+        times.wait_s += (reduced - computed).as_secs_f64();
         let average = summed.affine(1.0 / batch.global_count.max(1) as f64, 0.0)?;
         optimizer.set_epoch(id.epoch);
         params = optimizer.step(&params, &average)?;
         replica.set_params_from_tensor(&params)?;
-        steps += 1;
+        times.apply_s += reduced.elapsed().as_secs_f64();
+        times.steps += 1;
         let stats = if batch.last_of_epoch || (id.step + 1).is_multiple_of(REPORT_EVERY) {
             let read = BatchStats::from_tensor(&pending, pending_samples)?;
             pending = Tensor::zeros(2, DType::F32, &device)?;
@@ -264,7 +286,8 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
             }
         }
     }
-    Ok(steps)
+    times.log();
+    Ok(times.steps)
 }
 
 #[cfg(test)]
