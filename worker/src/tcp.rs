@@ -523,38 +523,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_rank_that_goes_away_fails_the_all_reduce_instead_of_hanging() {
+    /// Ranks 0 and 1 of a two-rank collective over 4 values, connected.
+    fn pair() -> (TcpCollective, TcpCollective) {
         let h = host();
         let rv = h.rendezvous().clone();
         std::thread::scope(|s| {
-            let zero = s.spawn(|| h.accept(2, 4, &Device::Cpu, Duration::from_secs(10)));
+            let zero = s.spawn(move || h.accept(2, 4, &Device::Cpu, Duration::from_secs(10)));
             let one =
                 TcpCollective::connect(&rv, 1, 2, 4, &Device::Cpu, Duration::from_secs(5)).unwrap();
-            let mut zero = zero.join().unwrap().unwrap();
-            drop(one);
-            let err = zero.sum(&[1.0; 4]).unwrap_err();
-            assert!(
-                format!("{err:#}").contains("receiving rank 1's gradient"),
-                "{err:#}"
-            );
-        });
+            (zero.join().unwrap().unwrap(), one)
+        })
+    }
+
+    #[test]
+    fn a_rank_that_goes_away_fails_the_all_reduce_instead_of_hanging() {
+        let (mut zero, one) = pair();
+        drop(one);
+        let err = format!("{:#}", zero.sum(&[1.0; 4]).unwrap_err());
+        assert!(err.contains("receiving rank 1's gradient"), "{err}");
+        assert!(err.contains("closed the connection"), "{err}");
     }
 
     #[test]
     fn a_rank_that_stays_connected_but_silent_times_out() {
-        let h = host();
-        let rv = h.rendezvous().clone();
-        std::thread::scope(|s| {
-            let zero = s.spawn(|| h.accept(2, 4, &Device::Cpu, Duration::from_secs(10)));
-            let _one =
-                TcpCollective::connect(&rv, 1, 2, 4, &Device::Cpu, Duration::from_secs(5)).unwrap();
-            let mut zero = zero.join().unwrap().unwrap();
-            zero.set_step_timeout(Duration::from_millis(200)).unwrap();
-            let started = Instant::now();
-            let err = format!("{:#}", zero.sum(&[1.0; 4]).unwrap_err());
-            assert!(err.contains("sent nothing for 0.2s"), "{err}");
-            assert!(started.elapsed() < Duration::from_secs(5));
-        });
+        let (mut zero, _one) = pair();
+        zero.set_step_timeout(Duration::from_millis(200)).unwrap();
+        let started = Instant::now();
+        let err = format!("{:#}", zero.sum(&[1.0; 4]).unwrap_err());
+        assert!(err.contains("sent nothing for 0.2s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
