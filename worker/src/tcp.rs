@@ -179,7 +179,6 @@ pub struct TcpCollective {
     seq: u64,
     frame: Vec<u8>,
     scratch: Vec<f32>,
-    sum: Vec<f32>,
 }
 
 impl TcpCollective {
@@ -248,7 +247,6 @@ impl TcpCollective {
             seq: 0,
             frame: Vec::new(),
             scratch: Vec::new(),
-            sum: Vec::new(),
         })
     }
 
@@ -264,17 +262,14 @@ impl TcpCollective {
     }
 
     /// The sum over all ranks of `values`, added in rank order.
-    pub fn sum(&mut self, values: &[f32]) -> Result<&[f32]> {
+    pub fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>> {
         self.seq += 1;
         let seq = self.seq;
         if self.rank == 0 {
             codec::check_finite(values)
                 .map_err(|e| anyhow!("rank 0's own gradient is malformed: {e}"))?;
-            self.sum.clear();
-            self.sum.resize(values.len(), 0.0);
-            for (s, v) in self.sum.iter_mut().zip(values) {
-                *s += v;
-            }
+            // From zero, like the gRPC reducer (0.0 + -0.0 is +0.0), so the sums match it.
+            let mut sum: Vec<f32> = values.iter().map(|v| 0.0 + v).collect();
             for (i, peer) in self.peers.iter_mut().enumerate() {
                 let rank = i + 1;
                 read_frame(peer, seq, &mut self.frame, self.step_timeout)
@@ -283,17 +278,18 @@ impl TcpCollective {
                 let theirs = codec::f32_view(&self.frame, &mut self.scratch)
                     .and_then(|v| codec::check_finite(v).map(|()| v))
                     .map_err(|e| anyhow!("rank {rank} sent a malformed gradient: {e}"))?;
-                for (s, v) in self.sum.iter_mut().zip(theirs) {
+                for (s, v) in sum.iter_mut().zip(theirs) {
                     *s += v;
                 }
             }
-            codec::check_finite(&self.sum)
+            codec::check_finite(&sum)
                 .map_err(|e| anyhow!("the summed gradient overflowed: {e}"))?;
-            codec::encode_f32_into(&self.sum, &mut self.frame);
+            codec::encode_f32_into(&sum, &mut self.frame);
             for (i, peer) in self.peers.iter_mut().enumerate() {
                 write_frame(peer, seq, &self.frame, self.step_timeout)
                     .with_context(|| format!("sending the sum to rank {}", i + 1))?;
             }
+            Ok(sum)
         } else {
             codec::encode_f32_into(values, &mut self.frame);
             let peer = &mut self.peers[0];
@@ -302,11 +298,11 @@ impl TcpCollective {
                 .context("sending the gradient to rank 0")?;
             read_frame(peer, seq, &mut self.frame, timeout)
                 .context("receiving the sum from rank 0")?;
-            self.sum.resize(values.len(), 0.0);
-            codec::decode_f32_into(&self.frame, &mut self.sum)
+            let mut sum = vec![0.0f32; values.len()];
+            codec::decode_f32_into(&self.frame, &mut sum)
                 .map_err(|e| anyhow!("rank 0 sent a malformed sum: {e}"))?;
+            Ok(sum)
         }
-        Ok(&self.sum)
     }
 }
 
@@ -314,7 +310,7 @@ impl Collective for TcpCollective {
     fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<Tensor> {
         let values = flat.flatten_all()?.to_vec1::<f32>()?;
         let n = values.len();
-        let sum = self.sum(&values)?.to_vec();
+        let sum = self.sum(&values)?;
         Ok(Tensor::from_vec(sum, n, &self.device)?)
     }
 }
@@ -440,7 +436,7 @@ mod tests {
         std::thread::scope(|s| {
             let zero = s.spawn(|| -> Result<Vec<f32>> {
                 let mut c = h.accept(world, len, &Device::Cpu, Duration::from_secs(10))?;
-                Ok(c.sum(&values(0))?.to_vec())
+                c.sum(&values(0))
             });
             let others: Vec<_> = (1..world)
                 .map(|r| {
@@ -455,7 +451,7 @@ mod tests {
                             &Device::Cpu,
                             Duration::from_secs(10),
                         )?;
-                        Ok(c.sum(&values(r))?.to_vec())
+                        c.sum(&values(r))
                     })
                 })
                 .collect();
@@ -505,8 +501,8 @@ mod tests {
                 TcpCollective::connect(&good, 1, 2, 4, &Device::Cpu, Duration::from_secs(5))
                     .unwrap();
             let mut zero = zero.join().unwrap().unwrap();
-            let t = s.spawn(move || one.sum(&[1.0; 4]).map(|v| v.to_vec()));
-            assert_eq!(zero.sum(&[2.0; 4]).unwrap(), &[3.0; 4]);
+            let t = s.spawn(move || one.sum(&[1.0; 4]));
+            assert_eq!(zero.sum(&[2.0; 4]).unwrap(), [3.0; 4]);
             assert_eq!(t.join().unwrap().unwrap(), vec![3.0; 4]);
         });
     }
