@@ -570,26 +570,28 @@ impl Engine {
         }
         self.early = later;
         while missing > 0 {
+            // Checked on every event, not only when none comes: other messages must not keep
+            // a stalled step alive.
+            if Instant::now() > deadline {
+                let waiting: Vec<String> = reports
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(rank, _)| self.shared.describe(rank as u32))
+                    .collect();
+                bail!(
+                    "no report from {} for {}s (cluster.step_timeout_s), although its heartbeats still \
+                     come: it stopped making progress {}",
+                    waiting.join(", "),
+                    limit.as_secs(),
+                    self.where_text(here)
+                );
+            }
             let event = match tokio::time::timeout(LIVENESS_CHECK, self.events.recv()).await {
                 Ok(Some(e)) => e,
                 Ok(None) => bail!("the coordinator's event queue closed"),
                 Err(_) => {
                     self.check_liveness(here)?;
-                    if Instant::now() > deadline {
-                        let waiting: Vec<String> = reports
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, r)| r.is_none())
-                            .map(|(rank, _)| self.shared.describe(rank as u32))
-                            .collect();
-                        bail!(
-                            "no report from {} for {}s (cluster.step_timeout_s), although its heartbeats \
-                             still come: it stopped making progress {}",
-                            waiting.join(", "),
-                            limit.as_secs(),
-                            self.where_text(here)
-                        );
-                    }
                     continue;
                 }
             };
