@@ -175,7 +175,7 @@ async fn train(args: Args, token: Token, device: DeviceSpec, intro: Introduction
                 position: state.position,
             },
             channels,
-        })?,
+        }),
     };
     tokio::pin!(compute);
     tokio::pin!(reader);
@@ -268,13 +268,13 @@ const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sets up the collective through the coordinator's rendezvous relay and runs the collective
 /// step loop on the compute thread.
-fn collective_compute(start: CollectiveStart) -> Result<tokio::task::JoinHandle<Result<u64>>> {
+fn collective_compute(start: CollectiveStart) -> tokio::task::JoinHandle<Result<u64>> {
     use lockstep_common::optim::DeviceOptimizer;
     use lockstep_common::wire;
     use lockstep_worker::compute::{run_collective, Collective, CollectiveRun};
 
     let handle = tokio::runtime::Handle::current();
-    Ok(tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let CollectiveStart {
             mut client,
             rank,
@@ -323,7 +323,7 @@ fn collective_compute(start: CollectiveStart) -> Result<tokio::task::JoinHandle<
             collective: collective.as_mut(),
             push_state: &mut push,
         })
-    }))
+    })
 }
 
 /// The tcp backend: rank 0 listens and sends its address through the coordinator; the other
