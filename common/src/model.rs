@@ -199,12 +199,16 @@ fn stats_tensor(
 impl BatchStats {
     /// Reads a `[loss_sum, correct]` tensor: one device-to-host copy.
     pub fn from_tensor(t: &Tensor, samples: u32) -> candle_core::Result<Self> {
-        let both = t.to_vec1::<f32>()?;
-        Ok(BatchStats {
-            loss_sum: both[0] as f64,
-            correct: both[1] as u32,
+        Ok(Self::from_values(&t.to_vec1::<f32>()?, samples))
+    }
+
+    /// The statistics from `[loss_sum, correct, ...]` read back from a device.
+    pub fn from_values(values: &[f32], samples: u32) -> Self {
+        BatchStats {
+            loss_sum: values[0] as f64,
+            correct: values[1] as u32,
             samples,
-        })
+        }
     }
 }
 

@@ -204,7 +204,10 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
     let mut times = StepTimes::default();
     // Loss and accuracy accumulate on the device and are read (a host synchronisation) only
     // every REPORT_EVERY steps and at epoch ends; the steps in between report zeros, and the
-    // coordinator's epoch totals (sums) come out the same.
+    // coordinator's epoch totals (sums) come out the same. The same read checks that the
+    // parameters are still finite: no reducer looks at the summed gradients here, and a NaN
+    // or infinity in them turns the parameters NaN on every rank alike, which the digests
+    // cannot see.
     const REPORT_EVERY: u64 = 50;
     let mut pending = Tensor::zeros(2, DType::F32, &device)?;
     let mut pending_samples = 0u32;
@@ -239,7 +242,17 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
         times.apply_s += reduced.elapsed().as_secs_f64();
         times.steps += 1;
         let stats = if batch.last_of_epoch || (id.step + 1).is_multiple_of(REPORT_EVERY) {
-            let read = BatchStats::from_tensor(&pending, pending_samples)?;
+            let health = params.sum_all()?.reshape(1)?;
+            let read = Tensor::cat(&[&pending, &health], 0)?.to_vec1::<f32>()?;
+            if !read[2].is_finite() {
+                bail!(
+                    "the parameters hold a NaN or infinity after epoch {} step {}: training diverged (a \
+                     learning rate too high?); the last checkpoint is from before",
+                    id.epoch + 1,
+                    id.step + 1
+                );
+            }
+            let read = BatchStats::from_values(&read, pending_samples);
             pending = Tensor::zeros(2, DType::F32, &device)?;
             pending_samples = 0;
             read
@@ -314,5 +327,81 @@ mod tests {
         let mut count = good;
         count.global_count = 0;
         assert!(validate_batch(&count).is_err());
+    }
+
+    /// An all-reduce among one rank that hands back `f(gradient)`.
+    struct OneRank(fn(&Tensor) -> candle_core::Result<Tensor>);
+
+    impl Collective for OneRank {
+        fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<Tensor> {
+            Ok((self.0)(flat)?)
+        }
+    }
+
+    /// Runs the collective loop on the CPU over one batch (the epoch's last) with `collective`;
+    /// returns its result and how many states were pushed.
+    fn one_collective_step(collective: &mut OneRank) -> (Result<u64>, usize) {
+        use lockstep_common::model::Network;
+        let device = candle_core::Device::Cpu;
+        let config = JobConfig::preset("softmax").unwrap();
+        let network = Network::new(&config.model);
+        let params = network.init_params(1);
+        let n = params.len();
+        let state = Optimizer::new(config.optimizer.clone(), n).state().clone();
+        let mut replica = Replica::new(network, &params, device.clone()).unwrap();
+        let (batch_tx, batches) = std::sync::mpsc::channel();
+        let (_reduced_tx, reduced) = std::sync::mpsc::channel();
+        let (_rendezvous_tx, rendezvous) = std::sync::mpsc::channel();
+        let (out, _out_rx) = tokio::sync::mpsc::unbounded_channel();
+        batch_tx
+            .send(pb::Batch {
+                id: Some(pb::StepId::new(0, 0, 0)),
+                count: 2,
+                global_count: 2,
+                pixels: Bytes::from(vec![128u8; 2 * IMAGE_PIXELS]),
+                labels: Bytes::from(vec![1u8, 7]),
+                last_of_epoch: true,
+            })
+            .unwrap();
+        drop(batch_tx);
+        let mut pushed = 0;
+        let mut push = |_: TrainingState| -> Result<()> {
+            pushed += 1;
+            Ok(())
+        };
+        let result = run_collective(CollectiveRun {
+            config: &config,
+            rank: 0,
+            replica: &mut replica,
+            params: Tensor::from_slice(&params, n, &device).unwrap(),
+            optimizer: DeviceOptimizer::new(config.optimizer.clone(), &state, &device).unwrap(),
+            channels: StepChannels {
+                batches,
+                reduced,
+                rendezvous,
+                out,
+            },
+            collective,
+            push_state: &mut push,
+        });
+        (result, pushed)
+    }
+
+    #[test]
+    fn the_collective_loop_steps_and_rank_0_uploads_its_state_at_the_epoch_end() {
+        let (result, pushed) = one_collective_step(&mut OneRank(|g| Ok(g.clone())));
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(pushed, 1);
+    }
+
+    #[test]
+    fn a_non_finite_summed_gradient_stops_the_collective_loop() {
+        let (result, pushed) = one_collective_step(&mut OneRank(|g| g.affine(f64::NAN, 0.0)));
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("NaN or infinity after epoch 1 step 1"),
+            "{err}"
+        );
+        assert_eq!(pushed, 0, "a diverged state must not be uploaded");
     }
 }

@@ -180,18 +180,30 @@ async fn train(args: Args, token: Token, device: DeviceSpec, intro: Introduction
     tokio::pin!(compute);
     tokio::pin!(reader);
     let rank = reply.rank;
-    let mut leave_client = client.clone();
+    let leave_client = client.clone();
+    // Tells the coordinator why this worker goes, so its error names the reason; bounded, in
+    // case the coordinator is what is gone.
+    let leave = |reason: String| {
+        let mut client = leave_client.clone();
+        async move {
+            let request = lockstep_common::wire::pb::LeaveRequest { rank, reason };
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await;
+        }
+    };
     tokio::select! {
         signal = shutdown_signal() => {
-            // Tell the coordinator why this worker goes, so its error names the reason.
-            let _ = leave_client
-                .leave(lockstep_common::wire::pb::LeaveRequest { rank, reason: format!("received {signal}") })
-                .await;
+            leave(format!("received {signal}")).await;
             bail!("stopped by {signal}")
         }
         computed = &mut compute => {
             // The compute loop ends when batches stop coming (the stream ended) or on error.
-            let steps = computed.context("compute thread")??;
+            let steps = match computed.context("compute thread")? {
+                Ok(steps) => steps,
+                Err(e) => {
+                    leave(format!("{e:#}")).await;
+                    return Err(e);
+                }
+            };
             match reader.await.context("step stream task")? {
                 Outcome::Finished => {
                     tracing::info!("training finished after {steps} steps");
