@@ -165,6 +165,27 @@ fn a_step_that_outlasts_the_step_timeout_ends_the_job_naming_the_worker() {
     );
 }
 
+/// A diverging job (SGD with an absurd learning rate) must stop at the first non-finite
+/// gradient, whichever side sums it, and the coordinator's error must say why.
+#[test]
+fn a_diverging_job_stops_at_the_first_non_finite_gradient_saying_so() {
+    for backend in ["grpc", "tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run_with_limit(
+            train_command(&dir.path().join("run"))
+                .args(["--preset", "mlp", "--workers", "2", "--lr", "1e30"])
+                .args(["--backend", backend])
+                .env("LOCKSTEP_OPTIMIZER__KIND", "sgd"),
+            Duration::from_secs(60),
+        );
+        let err = assert_clean_failure(&out, &["non-finite value", "training stopped"]);
+        assert!(
+            err.contains("epoch 1 step 2/"),
+            "{backend}: the second step's gradient is the first non-finite one:\n{err}"
+        );
+    }
+}
+
 #[test]
 fn a_truncated_or_corrupt_dataset_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
