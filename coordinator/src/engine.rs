@@ -133,7 +133,13 @@ impl Engine {
 
     /// Runs the whole job. On error, every connected worker is told to abort.
     pub async fn run(mut self) -> Result<Summary> {
-        let result = self.train().await;
+        let mut result = self.train().await;
+        if let Err(e) = &result {
+            let also = self.concurrent_failures(&format!("{e:#}")).await;
+            if !also.is_empty() {
+                result = Err(anyhow!("{e:#}; at the same time: {}", also.join("; ")));
+            }
+        }
         match &result {
             Ok(_) => {
                 self.broadcast(pb::coordinator_message::Kind::Finish(pb::Finish {
@@ -149,6 +155,26 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// Other workers that failed within a moment of the failure that ended the job, with their
+    /// reasons: when one rank fails, its peers in an all-reduce fail with it, and which report
+    /// comes first is a race; the root cause may be in any of them.
+    async fn concurrent_failures(&mut self, first: &str) -> Vec<String> {
+        const GRACE: Duration = Duration::from_millis(300);
+        let deadline = tokio::time::Instant::now() + GRACE;
+        let mut seen: Vec<u32> = Vec::new();
+        let mut also = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Event::StreamClosed { rank, reason } = event {
+                let who = self.shared.describe(rank);
+                if !seen.contains(&rank) && !first.contains(&who) {
+                    seen.push(rank);
+                    also.push(format!("{who} failed ({reason})"));
+                }
+            }
+        }
+        also
     }
 
     async fn broadcast(&self, kind: pb::coordinator_message::Kind) {

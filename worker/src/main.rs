@@ -211,6 +211,7 @@ async fn train(args: Args, token: Token, device: DeviceSpec, intro: Introduction
                 }
                 Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
                 Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
+                Outcome::ComputeStopped => bail!("the compute thread stopped while batches still came"),
             }
         }
         outcome = &mut reader => match outcome.context("step stream task")? {
@@ -219,6 +220,14 @@ async fn train(args: Args, token: Token, device: DeviceSpec, intro: Introduction
                 tracing::info!("training finished after {steps} steps");
                 Ok(())
             }
+            // The compute thread failed while batches still came: its error is the reason.
+            Outcome::ComputeStopped => match compute.await.context("compute thread")? {
+                Err(e) => {
+                    leave(format!("{e:#}")).await;
+                    Err(e)
+                }
+                Ok(steps) => bail!("the compute thread stopped after {steps} steps while batches still came"),
+            },
             Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
             Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
         },

@@ -23,6 +23,8 @@ pub enum Outcome {
     Aborted(String),
     /// The connection to the coordinator broke.
     Lost(String),
+    /// The compute thread stopped taking what the coordinator sent (its result says why).
+    ComputeStopped,
 }
 
 /// The compute thread's ends of the step stream.
@@ -140,7 +142,7 @@ pub async fn open(
                         None => true,
                     };
                     if !delivered {
-                        return Outcome::Lost("the compute thread stopped".into());
+                        return Outcome::ComputeStopped;
                     }
                 }
                 Ok(None) => return Outcome::Lost("the coordinator closed the step stream".into()),
