@@ -236,10 +236,8 @@ impl TcpCollective {
     fn new(rank: u32, peers: Vec<TcpStream>, device: &Device) -> Result<Self> {
         for p in &peers {
             p.set_nodelay(true)?;
-            p.set_read_timeout(Some(STEP_TIMEOUT))?;
-            p.set_write_timeout(Some(STEP_TIMEOUT))?;
         }
-        Ok(Self {
+        let mut collective = Self {
             rank,
             peers,
             device: device.clone(),
@@ -247,7 +245,9 @@ impl TcpCollective {
             seq: 0,
             frame: Vec::new(),
             scratch: Vec::new(),
-        })
+        };
+        collective.set_step_timeout(STEP_TIMEOUT)?;
+        Ok(collective)
     }
 
     /// How long to wait for another rank's frame before failing.
