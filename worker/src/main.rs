@@ -180,57 +180,63 @@ async fn train(args: Args, token: Token, device: DeviceSpec, intro: Introduction
     tokio::pin!(compute);
     tokio::pin!(reader);
     let rank = reply.rank;
-    let leave_client = client.clone();
-    // Tells the coordinator why this worker goes, so its error names the reason; bounded, in
-    // case the coordinator is what is gone.
-    let leave = |reason: String| {
-        let mut client = leave_client.clone();
-        async move {
-            let request = lockstep_common::wire::pb::LeaveRequest { rank, reason };
-            let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await;
-        }
-    };
     tokio::select! {
         signal = shutdown_signal() => {
-            leave(format!("received {signal}")).await;
+            leave(&client, rank, format!("received {signal}")).await;
             bail!("stopped by {signal}")
         }
+        // The compute loop ends when batches stop coming (the stream ended) or on error.
         computed = &mut compute => {
-            // The compute loop ends when batches stop coming (the stream ended) or on error.
-            let steps = match computed.context("compute thread")? {
-                Ok(steps) => steps,
-                Err(e) => {
-                    leave(format!("{e:#}")).await;
-                    return Err(e);
-                }
-            };
-            match reader.await.context("step stream task")? {
-                Outcome::Finished => {
-                    tracing::info!("training finished after {steps} steps");
-                    Ok(())
-                }
-                Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
-                Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
-                Outcome::ComputeStopped => bail!("the compute thread stopped while batches still came"),
-            }
+            let steps = steps_or_leave(computed, &client, rank).await?;
+            ended(reader.await.context("step stream task")?, steps)
         }
         outcome = &mut reader => match outcome.context("step stream task")? {
-            Outcome::Finished => {
-                let steps = compute.await.context("compute thread")??;
-                tracing::info!("training finished after {steps} steps");
-                Ok(())
+            // After Finished the compute thread ends by itself; ComputeStopped means it failed
+            // while batches still came, and its error is the reason.
+            outcome @ (Outcome::Finished | Outcome::ComputeStopped) => {
+                let steps = steps_or_leave(compute.await, &client, rank).await?;
+                ended(outcome, steps)
             }
-            // The compute thread failed while batches still came: its error is the reason.
-            Outcome::ComputeStopped => match compute.await.context("compute thread")? {
-                Err(e) => {
-                    leave(format!("{e:#}")).await;
-                    Err(e)
-                }
-                Ok(steps) => bail!("the compute thread stopped after {steps} steps while batches still came"),
-            },
-            Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
-            Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
+            outcome => ended(outcome, 0),
         },
+    }
+}
+
+/// Tells the coordinator why this worker goes, so its error names the reason; bounded, in
+/// case the coordinator is what is gone.
+async fn leave(client: &session::Client, rank: u32, reason: String) {
+    let request = lockstep_common::wire::pb::LeaveRequest { rank, reason };
+    let mut client = client.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await;
+}
+
+/// The compute thread's step count, or its error, told to the coordinator first.
+async fn steps_or_leave(
+    computed: Result<Result<u64>, tokio::task::JoinError>,
+    client: &session::Client,
+    rank: u32,
+) -> Result<u64> {
+    match computed.context("compute thread")? {
+        Ok(steps) => Ok(steps),
+        Err(e) => {
+            leave(client, rank, format!("{e:#}")).await;
+            Err(e)
+        }
+    }
+}
+
+/// What the end of the step stream means, once the compute thread has stopped.
+fn ended(outcome: Outcome, steps: u64) -> Result<()> {
+    match outcome {
+        Outcome::Finished => {
+            tracing::info!("training finished after {steps} steps");
+            Ok(())
+        }
+        Outcome::Aborted(reason) => bail!("the coordinator stopped the job: {reason}"),
+        Outcome::Lost(why) => bail!("lost the coordinator: {why}"),
+        Outcome::ComputeStopped => {
+            bail!("the compute thread stopped after {steps} steps while batches still came")
+        }
     }
 }
 
