@@ -87,6 +87,16 @@ pub fn encode_f32_into(values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// `values` as little-endian `f32` bytes to send: the values' own memory on a little-endian
+/// machine (no copy), an encoded copy elsewhere.
+pub fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(encode_f32(values))
+    }
+}
+
 /// Encodes `values` as little-endian `f32` bytes.
 pub fn encode_f32(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * 4);
@@ -186,6 +196,13 @@ pub fn state_digest(params: &[f32], optimizer: &crate::optim::OptimizerState) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f32_le_bytes_match_the_encoder() {
+        let values = [1.5f32, -0.0, f32::MAX, 3e-39];
+        assert_eq!(&*f32_le_bytes(&values), encode_f32(&values).as_slice());
+        assert_eq!(decode_f32(&f32_le_bytes(&values), 4).unwrap(), values);
+    }
 
     #[test]
     fn round_trip_is_bit_exact() {

@@ -177,6 +177,7 @@ pub struct TcpCollective {
     device: Device,
     step_timeout: Duration,
     seq: u64,
+    /// The last frame read (its buffer reused every step).
     frame: Vec<u8>,
     scratch: Vec<f32>,
 }
@@ -284,17 +285,16 @@ impl TcpCollective {
             }
             codec::check_finite(&sum)
                 .map_err(|e| anyhow!("the summed gradient overflowed: {e}"))?;
-            codec::encode_f32_into(&sum, &mut self.frame);
+            let bytes = codec::f32_le_bytes(&sum);
             for (i, peer) in self.peers.iter_mut().enumerate() {
-                write_frame(peer, seq, &self.frame, self.step_timeout)
+                write_frame(peer, seq, &bytes, self.step_timeout)
                     .with_context(|| format!("sending the sum to rank {}", i + 1))?;
             }
             Ok(sum)
         } else {
-            codec::encode_f32_into(values, &mut self.frame);
             let peer = &mut self.peers[0];
             let timeout = self.step_timeout;
-            write_frame(peer, seq, &self.frame, timeout)
+            write_frame(peer, seq, &codec::f32_le_bytes(values), timeout)
                 .context("sending the gradient to rank 0")?;
             read_frame(peer, seq, &mut self.frame, timeout)
                 .context("receiving the sum from rank 0")?;
