@@ -232,7 +232,15 @@ pub fn run_collective(run: CollectiveRun<'_>) -> Result<u64> {
         };
         let computed = Instant::now();
         times.compute_s += (computed - started).as_secs_f64();
-        let summed = collective.all_reduce_sum(&flat)?;
+        // The step is named here: a rank may run a step ahead of the one the coordinator is
+        // collecting, so the coordinator's own "during step" can be one behind.
+        let summed = collective.all_reduce_sum(&flat).with_context(|| {
+            format!(
+                "all-reducing the gradient of epoch {} step {}",
+                id.epoch + 1,
+                id.step + 1
+            )
+        })?;
         let reduced = Instant::now();
         times.wait_s += (reduced - computed).as_secs_f64();
         let average = summed.affine(1.0 / batch.global_count.max(1) as f64, 0.0)?;
