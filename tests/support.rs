@@ -77,6 +77,15 @@ pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
     wait_with_limit(child, limit)
 }
 
+/// Runs a command to completion within `limit`, failing the test with its standard error
+/// unless it succeeds; returns the standard error (the log) for further checks.
+pub fn run_ok(cmd: &mut Command, limit: Duration, what: &str) -> String {
+    let out = run_with_limit(cmd, limit);
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{what} failed:\n{err}");
+    err
+}
+
 /// Waits for a spawned child (with piped output), killing it and failing after `limit`.
 pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
     let started = Instant::now();
