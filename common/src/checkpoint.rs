@@ -33,6 +33,19 @@ pub struct TrainingState {
     pub position: Position,
 }
 
+/// What a checkpoint carries besides the training state: the coordinator's account of the
+/// epoch in progress, so a resumed job reports the same epoch metrics as an uninterrupted one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Extras {
+    /// The epoch's statistics so far, as JSON (the coordinator's format).
+    pub progress: Option<String>,
+    /// How many times each training sample was applied so far in the epoch.
+    pub coverage: Option<Vec<u8>>,
+}
+
+/// Name of the coverage tensor in a checkpoint.
+const COVERAGE: &str = "lockstep.coverage";
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     crate::codec::encode_f32(v)
 }
@@ -59,6 +72,16 @@ pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32]) -> Result<Vec<u8>>
 impl TrainingState {
     /// Serialises the state with its configuration as metadata.
     pub fn to_bytes(&self, layout: &[TensorSpec], config_toml: &str) -> Result<Vec<u8>> {
+        self.to_bytes_with(layout, config_toml, &Extras::default())
+    }
+
+    /// Serialises the state with its configuration and `extras`.
+    pub fn to_bytes_with(
+        &self,
+        layout: &[TensorSpec],
+        config_toml: &str,
+        extras: &Extras,
+    ) -> Result<Vec<u8>> {
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
             .iter()
             .map(|s| {
@@ -72,11 +95,20 @@ impl TrainingState {
         for (name, buf) in &self.optimizer.buffers {
             data.push((format!("optimizer.{name}"), f32_bytes(buf), vec![buf.len()]));
         }
-        let views = data
+        let mut views = data
             .iter()
             .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
             .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        if let Some(coverage) = &extras.coverage {
+            views.push((
+                COVERAGE.to_string(),
+                TensorView::new(Dtype::U8, vec![coverage.len()], coverage)?,
+            ));
+        }
         let mut meta = HashMap::new();
+        if let Some(progress) = &extras.progress {
+            meta.insert("progress".to_string(), progress.clone());
+        }
         meta.insert("format".to_string(), "lockstep-checkpoint-v1".to_string());
         meta.insert("epoch".to_string(), self.position.epoch.to_string());
         meta.insert("step".to_string(), self.position.step.to_string());
@@ -100,6 +132,12 @@ impl TrainingState {
     /// Parses a state, checking every tensor against `layout`. Returns the state and the
     /// configuration stored with it.
     pub fn from_bytes(layout: &[TensorSpec], bytes: &[u8]) -> Result<(Self, String)> {
+        let (state, config, _) = Self::from_bytes_with(layout, bytes)?;
+        Ok((state, config))
+    }
+
+    /// Like [`TrainingState::from_bytes`], also returning the checkpoint's [`Extras`].
+    pub fn from_bytes_with(layout: &[TensorSpec], bytes: &[u8]) -> Result<(Self, String, Extras)> {
         let (_, header) =
             safetensors::SafeTensors::read_metadata(bytes).context("reading the state header")?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -157,7 +195,20 @@ impl TrainingState {
                 step: num("step")?,
             },
         };
-        Ok((state, meta.get("config").cloned().unwrap_or_default()))
+        let coverage = match tensors.tensor(COVERAGE) {
+            Ok(t) if t.dtype() == Dtype::U8 && t.shape().len() == 1 => Some(t.data().to_vec()),
+            Ok(_) => bail!("checkpoint tensor `{COVERAGE}` is not a U8 vector"),
+            Err(_) => None,
+        };
+        let extras = Extras {
+            progress: meta.get("progress").cloned(),
+            coverage,
+        };
+        Ok((
+            state,
+            meta.get("config").cloned().unwrap_or_default(),
+            extras,
+        ))
     }
 
     /// Writes the state atomically (temporary file, then rename): a crash mid-write never
@@ -167,10 +218,17 @@ impl TrainingState {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file, flushed to disk, and a rename: a process
+/// killed at any moment leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(file);
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
@@ -205,6 +263,29 @@ mod tests {
             .to_string();
         assert!(err.contains("fc.weight"), "{err}");
         assert!(TrainingState::from_bytes(&layout, &bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn extras_round_trip_and_are_optional() {
+        let layout = pack_layout(&[("fc.bias", vec![2])]);
+        let state = TrainingState {
+            params: vec![1.0, 2.0],
+            optimizer: OptimizerState {
+                step: 3,
+                buffers: vec![],
+            },
+            position: Position { epoch: 1, step: 5 },
+        };
+        let extras = Extras {
+            progress: Some("{\"samples\":320}".into()),
+            coverage: Some(vec![0, 1, 1, 0]),
+        };
+        let bytes = state.to_bytes_with(&layout, "", &extras).unwrap();
+        let (back, _, got) = TrainingState::from_bytes_with(&layout, &bytes).unwrap();
+        assert_eq!((back, got), (state.clone(), extras));
+        let plain = state.to_bytes(&layout, "").unwrap();
+        let (_, _, got) = TrainingState::from_bytes_with(&layout, &plain).unwrap();
+        assert_eq!(got, Extras::default());
     }
 
     #[test]

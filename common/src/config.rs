@@ -269,9 +269,18 @@ pub struct ClusterConfig {
     pub join_timeout_s: u32,
     /// Workers report a parameter digest every this many steps (and at every epoch end).
     pub digest_every: u32,
-    /// A step whose reports are not all in after this long ends the job, even when every
-    /// worker is alive (heartbeats come) but one stopped making progress.
+    /// A worker whose part of a step is not in after this long, although its heartbeats come,
+    /// is dropped as stalled (and the job ends if that leaves fewer than `min_workers`).
     pub step_timeout_s: u32,
+    /// Shards each step's global batch is cut into; each shard's gradient is computed on its
+    /// own and the shard gradients are summed in shard order, so the model does not depend on
+    /// how many workers computed them. 0: the starting worker count.
+    pub shards: u32,
+    /// The job carries on after losing workers as long as at least this many are left.
+    pub min_workers: u32,
+    /// Most workers at once; replacements may join a running job up to this count. 0: the
+    /// starting worker count.
+    pub max_workers: u32,
 }
 
 /// Everything that defines a training job.
@@ -304,6 +313,12 @@ pub struct JobConfig {
     pub threads: u32,
     /// Train on only the first N training images (0: all 60,000), for quick experiments.
     pub train_samples: u32,
+    /// Besides every epoch end, checkpoint after every this many steps of an epoch (0: only at
+    /// epoch ends).
+    pub checkpoint_every_steps: u32,
+    /// Local workers (`lockstep train` without `--external-workers`): how many times in all a
+    /// worker that died is started again, as `torchrun --max-restarts` does.
+    pub max_restarts: u32,
     /// The network.
     pub model: ModelConfig,
     /// The optimizer.
@@ -374,6 +389,8 @@ impl JobConfig {
             normalize: true,
             threads: 0,
             train_samples: 0,
+            checkpoint_every_steps: 500,
+            max_restarts: 0,
             model,
             optimizer,
             cluster: ClusterConfig {
@@ -382,6 +399,9 @@ impl JobConfig {
                 join_timeout_s: 120,
                 digest_every: 200,
                 step_timeout_s: 300,
+                shards: 0,
+                min_workers: 1,
+                max_workers: 0,
             },
         })
     }
@@ -406,11 +426,55 @@ impl JobConfig {
         if self.workers == 0 {
             bail!("workers must be at least 1");
         }
-        if self.batch_size < self.workers {
+        let c = &self.cluster;
+        let shards = self.shards();
+        if self.batch_size < shards {
+            if c.shards == 0 {
+                bail!(
+                    "batch size {} is smaller than the worker count {}: every worker needs at least one \
+                     sample per step; raise --batch-size or lower --workers",
+                    self.batch_size,
+                    self.workers
+                );
+            }
             bail!(
-                "batch size {} is smaller than the worker count {}: every worker needs at least one \
-                 sample per step; raise --batch-size or lower --workers",
+                "batch size {} is smaller than cluster.shards ({shards}): every shard needs at least one sample \
+                 per step; raise --batch-size or lower cluster.shards",
+                self.batch_size
+            );
+        }
+        if self.batch_size > crate::protocol::MAX_GLOBAL_BATCH {
+            bail!(
+                "batch size {} is larger than the {} a step can carry",
                 self.batch_size,
+                crate::protocol::MAX_GLOBAL_BATCH
+            );
+        }
+        if shards > crate::protocol::MAX_SHARDS {
+            bail!(
+                "cluster.shards is {shards}; at most {} are supported",
+                crate::protocol::MAX_SHARDS
+            );
+        }
+        if self.workers > shards {
+            bail!(
+                "{} workers but only {shards} shards per step (cluster.shards): {} workers would have nothing to \
+                 compute; raise cluster.shards or lower --workers",
+                self.workers,
+                self.workers - shards
+            );
+        }
+        if c.min_workers == 0 || c.min_workers > self.workers {
+            bail!(
+                "cluster.min_workers must be between 1 and the starting worker count {}, got {}",
+                self.workers,
+                c.min_workers
+            );
+        }
+        if c.max_workers != 0 && c.max_workers < self.workers {
+            bail!(
+                "cluster.max_workers ({}) is below the starting worker count {}",
+                c.max_workers,
                 self.workers
             );
         }
@@ -441,7 +505,6 @@ impl JobConfig {
                 self.model.hidden
             );
         }
-        let c = &self.cluster;
         if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
             bail!(
                 "cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_interval_ms ({}), which must be positive",
@@ -456,6 +519,89 @@ impl JobConfig {
             bail!("cluster.digest_every must be at least 1");
         }
         Ok(())
+    }
+
+    /// Shards per step: `cluster.shards`, or the starting worker count when that is 0.
+    pub fn shards(&self) -> u32 {
+        match self.cluster.shards {
+            0 => self.workers,
+            n => n,
+        }
+    }
+
+    /// Most workers at once: `cluster.max_workers`, or the starting worker count when 0.
+    pub fn max_workers(&self) -> u32 {
+        match self.cluster.max_workers {
+            0 => self.workers,
+            n => n,
+        }
+    }
+
+    /// Writes the shard count (by default the starting worker count) into the configuration,
+    /// so that the saved `config.toml` says what the job computed with, and a resumed job keeps
+    /// it whatever its worker count.
+    pub fn resolve(&mut self) {
+        self.cluster.shards = self.shards();
+    }
+
+    /// The settings of `resumed` that would make a resumed run compute something else than this
+    /// one (model, optimizer, data, schedule, shards, seed), each as `key: run has A, now B`.
+    /// Worker counts, timeouts, addresses, the number of epochs and the CPU backend may change.
+    pub fn resume_conflicts(&self, resumed: &JobConfig) -> Vec<String> {
+        const FREE: [&str; 11] = [
+            "preset",
+            "epochs",
+            "workers",
+            "data_dir",
+            "out",
+            "listen",
+            "threads",
+            "checkpoint_every_steps",
+            "max_restarts",
+            "backend",
+            "cluster",
+        ];
+        const ARITHMETIC_CLUSTER: [&str; 1] = ["shards"];
+        let table = |c: &JobConfig| toml::Table::try_from(c).unwrap_or_default();
+        let (ours, theirs) = (table(self), table(resumed));
+        let mut conflicts = Vec::new();
+        let mut compare = |key: String, a: Option<&toml::Value>, b: Option<&toml::Value>| {
+            if a != b {
+                let show =
+                    |v: Option<&toml::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+                conflicts.push(format!("{key}: the run has {}, now {}", show(a), show(b)));
+            }
+        };
+        let keys: BTreeSet<&String> = ours.keys().chain(theirs.keys()).collect();
+        for key in keys {
+            if FREE.contains(&key.as_str()) {
+                continue;
+            }
+            match (ours.get(key), theirs.get(key)) {
+                (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                    let inner: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                    for k in inner {
+                        compare(format!("{key}.{k}"), a.get(k), b.get(k));
+                    }
+                }
+                (a, b) => compare(key.clone(), a, b),
+            }
+        }
+        for key in ARITHMETIC_CLUSTER {
+            compare(
+                format!("cluster.{key}"),
+                ours.get("cluster").and_then(|c| c.get(key)),
+                theirs.get("cluster").and_then(|c| c.get(key)),
+            );
+        }
+        let gpu = |b: Backend| b == Backend::Nccl;
+        if gpu(self.backend) != gpu(resumed.backend) {
+            conflicts.push(format!(
+                "backend: the run has {}, now {} (grpc and tcp give the same bits; nccl does not)",
+                self.backend, resumed.backend
+            ));
+        }
+        conflicts
     }
 
     /// Fingerprint of what a worker must agree with: the network and its input transform.
@@ -494,14 +640,18 @@ pub struct Overrides {
     pub backend: Option<String>,
     /// `--threads`
     pub threads: Option<u32>,
+    /// `--max-restarts`
+    pub max_restarts: Option<u32>,
 }
 
 /// Environment variables that start with `LOCKSTEP_` but are not configuration keys.
-const NON_CONFIG_ENV: [&str; 4] = [
+const NON_CONFIG_ENV: [&str; 6] = [
     "LOCKSTEP_TOKEN",
     "LOCKSTEP_TOKEN_FILE",
     "LOCKSTEP_LOG",
     "LOCKSTEP_CUDA_TESTS",
+    "LOCKSTEP_REJOIN_TIMEOUT",
+    "LOCKSTEP_RUN_NAME",
 ];
 
 /// Resolves the job configuration from all layers, reading the process environment.
@@ -514,6 +664,30 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<JobConfig> {
 
 /// Resolves the job configuration from all layers with an explicit environment (for tests).
 pub fn load_with_env(
+    file: Option<&Path>,
+    overrides: &Overrides,
+    env: &[(String, String)],
+) -> Result<JobConfig> {
+    load_layers(None, file, overrides, env)
+}
+
+/// Resolves the configuration of a resumed run: the run's own configuration is the bottom
+/// layer (instead of the preset's defaults), with the file, the process environment and the
+/// flags over it as usual. The caller compares the result with the run's configuration
+/// ([`JobConfig::resume_conflicts`]).
+pub fn load_resumed(
+    base: &JobConfig,
+    file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<JobConfig> {
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("LOCKSTEP_") && !NON_CONFIG_ENV.contains(&k.as_str()))
+        .collect();
+    load_layers(Some(base), file, overrides, &env)
+}
+
+fn load_layers(
+    base: Option<&JobConfig>,
     file: Option<&Path>,
     overrides: &Overrides,
     env: &[(String, String)],
@@ -545,8 +719,12 @@ pub fn load_with_env(
                 .and_then(|t| t.get("preset"))
                 .and_then(|v| v.as_str().map(str::to_string))
         })
+        .or_else(|| base.map(|b| b.preset.clone()))
         .unwrap_or_else(|| "mlp".to_string());
-    let defaults = JobConfig::preset(&preset)?;
+    let defaults = match base {
+        Some(b) if b.preset == preset => b.clone(),
+        _ => JobConfig::preset(&preset)?,
+    };
 
     let default_layer =
         config::Config::try_from(&defaults).context("building default configuration")?;
@@ -614,6 +792,9 @@ pub fn load_with_env(
     }
     if let Some(v) = o.threads {
         builder = builder.set_override("threads", v)?;
+    }
+    if let Some(v) = o.max_restarts {
+        builder = builder.set_override("max_restarts", v)?;
     }
     let cfg: JobConfig = builder
         .build()
@@ -800,6 +981,76 @@ mod tests {
         assert_eq!(m.leaky_slope, 0.2);
         assert_eq!(ModelConfig::parse_spec("cnn").unwrap().kind, ModelKind::Cnn);
         assert!(ModelConfig::parse_spec("linear").unwrap().hidden.is_empty());
+    }
+
+    #[test]
+    fn shards_and_worker_bounds_default_to_the_starting_worker_count() {
+        let flags = Overrides {
+            workers: Some(3),
+            ..Default::default()
+        };
+        let mut cfg = load_with_env(None, &flags, &[]).unwrap();
+        assert_eq!((cfg.cluster.shards, cfg.shards()), (0, 3));
+        cfg.resolve();
+        assert_eq!((cfg.cluster.shards, cfg.max_workers()), (3, 3));
+        assert_eq!(cfg.cluster.min_workers, 1);
+
+        let e = env(&[("LOCKSTEP_CLUSTER__SHARDS", "2")]);
+        let err = load_with_env(None, &flags, &e).unwrap_err().to_string();
+        assert!(err.contains("only 2 shards"), "{err}");
+        let e = env(&[("LOCKSTEP_CLUSTER__MIN_WORKERS", "4")]);
+        let err = load_with_env(None, &flags, &e).unwrap_err().to_string();
+        assert!(err.contains("cluster.min_workers"), "{err}");
+        let e = env(&[
+            ("LOCKSTEP_CLUSTER__SHARDS", "100"),
+            ("LOCKSTEP_BATCH_SIZE", "64"),
+        ]);
+        let err = load_with_env(None, &flags, &e).unwrap_err().to_string();
+        assert!(err.contains("smaller than cluster.shards (100)"), "{err}");
+    }
+
+    #[test]
+    fn a_resumed_configuration_may_change_workers_but_not_the_arithmetic() {
+        let mut run = JobConfig::preset("mlp").unwrap();
+        run.resolve();
+        let mut other = run.clone();
+        other.workers = 1;
+        other.epochs = 5;
+        other.backend = Backend::Tcp;
+        other.cluster.heartbeat_timeout_ms = 9000;
+        assert!(run.resume_conflicts(&other).is_empty());
+
+        other.seed = 7;
+        other.optimizer.lr = 0.5;
+        other.cluster.shards = 4;
+        let conflicts = run.resume_conflicts(&other);
+        assert_eq!(conflicts.len(), 3, "{conflicts:?}");
+        assert!(
+            conflicts.iter().any(|c| c == "seed: the run has 42, now 7"),
+            "{conflicts:?}"
+        );
+        assert!(
+            conflicts.iter().any(|c| c.starts_with("optimizer.lr:")),
+            "{conflicts:?}"
+        );
+        assert!(
+            conflicts.iter().any(|c| c.starts_with("cluster.shards:")),
+            "{conflicts:?}"
+        );
+
+        // Layered over the run's configuration, a flag-less resume is the run itself, and a
+        // --preset flag brings that preset's model (which then conflicts).
+        let resumed = load_layers(Some(&run), None, &Overrides::default(), &[]).unwrap();
+        assert_eq!(resumed, run);
+        let flags = Overrides {
+            preset: Some("cnn".into()),
+            ..Default::default()
+        };
+        let resumed = load_layers(Some(&run), None, &flags, &[]).unwrap();
+        assert!(run
+            .resume_conflicts(&resumed)
+            .iter()
+            .any(|c| c.starts_with("model.kind")));
     }
 
     #[test]

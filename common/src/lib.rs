@@ -1,5 +1,6 @@
 //! Shared pieces of Lockstep, used by both the coordinator and the workers: the wire protocol
-//! and its authentication, the layered job configuration, MNIST loading, the models, the
+//! (generated in [`wire`], in the project's own checked types in [`protocol`]) and its
+//! authentication, the layered job configuration, MNIST loading, the models, the
 //! optimizers with explicit state, the flat tensor codecs and the checkpoint format.
 //!
 //! Everything that must be *identical* on every replica lives here, so that the coordinator
@@ -12,6 +13,8 @@ pub mod config;
 pub mod mnist;
 pub mod model;
 pub mod optim;
+pub mod protocol;
+pub mod reduce;
 pub mod schedule;
 pub mod wire;
 
@@ -44,7 +47,7 @@ pub fn tune_allocator() {
 
 /// Version of the wire protocol in `proto/lockstep.proto`; a worker of another version is
 /// refused at `Join` with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest gRPC message either side accepts or sends. Gradients of the largest preset (`cnn`,
 /// 1.2M parameters) are about 5 MB; state transfers are chunked well below this.
@@ -55,3 +58,6 @@ pub const STATE_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Largest training state (parameters + optimizer state) accepted over `FetchState`/`PushState`.
 pub const MAX_STATE_BYTES: u64 = 1 << 30;
+
+/// Longest worker description (`host/pid N`) or device name a worker may present at `Join`.
+pub const MAX_WORKER_ID_BYTES: usize = 256;

@@ -225,6 +225,16 @@ pub struct Gradient {
 }
 
 impl Gradient {
+    /// The gradient of an empty shard: zeros in `network`'s layout.
+    pub fn zeros(network: &Network, device: &Device) -> candle_core::Result<Self> {
+        let parts = network
+            .layout()
+            .iter()
+            .map(|s| Tensor::zeros(s.len(), DType::F32, device))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { parts })
+    }
+
     /// The whole gradient as one flat tensor on its device (for device-side all-reduce).
     pub fn to_flat_tensor(&self) -> candle_core::Result<Tensor> {
         Tensor::cat(&self.parts, 0)

@@ -83,6 +83,11 @@ impl Optimizer {
         &self.state
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
     /// Applies one update to `params` from the averaged gradient `grad`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
         assert_eq!(

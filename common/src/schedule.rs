@@ -43,6 +43,23 @@ pub fn split(len: usize, world: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// The sample positions (into the step's global batch of `len`) of each of its `shards`
+/// shards: the batch cut as evenly as possible, the first `len % shards` shards one longer.
+/// Fixed by the configuration, never by the membership, so every run of a job computes the
+/// same shard gradients.
+pub fn shard_ranges(len: usize, shards: u32) -> Vec<std::ops::Range<usize>> {
+    split(len, shards.max(1) as usize)
+}
+
+/// Which shards each of `members` workers computes (in rank order): contiguous, as even as
+/// possible. Any assignment gives the same model; this one keeps a step's traffic balanced.
+pub fn assign_shards(shards: &[u32], members: usize) -> Vec<Vec<u32>> {
+    split(shards.len(), members.max(1))
+        .into_iter()
+        .map(|r| shards[r].to_vec())
+        .collect()
+}
+
 /// Whether every replica reports a digest of its state after step `step`: every
 /// `digest_every` steps and after the last step of each epoch. Coordinator and workers must
 /// agree on this, so it lives in one place.
@@ -81,5 +98,17 @@ mod tests {
         assert!(seen.iter().all(|&c| c == 1));
         assert_eq!(split(5, 2), vec![0..3, 3..5]);
         assert_eq!(steps_per_epoch(60_000, 64), 938);
+    }
+
+    #[test]
+    fn shards_are_fixed_and_assignments_cover_each_shard_once() {
+        assert_eq!(
+            shard_ranges(64, 6),
+            vec![0..11, 11..22, 22..33, 33..44, 44..54, 54..64]
+        );
+        let all: Vec<u32> = (0..6).collect();
+        assert_eq!(assign_shards(&all, 1), vec![all.clone()]);
+        assert_eq!(assign_shards(&all, 2), vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        assert_eq!(assign_shards(&[1, 4], 3), vec![vec![1], vec![4], vec![]]);
     }
 }

@@ -49,17 +49,6 @@ where
 pub use pb::coordinator_client::CoordinatorClient;
 pub use pb::coordinator_server::{Coordinator, CoordinatorServer};
 
-impl pb::StepId {
-    /// A step identifier as carried by every step message.
-    pub fn new(epoch: u64, step: u64, membership_epoch: u64) -> Self {
-        Self {
-            epoch,
-            step,
-            membership_epoch,
-        }
-    }
-}
-
 /// Converts the layout into its wire form.
 pub fn layout_to_wire(layout: &[TensorSpec]) -> Vec<pb::TensorSpec> {
     layout
@@ -84,16 +73,16 @@ pub fn layout_from_wire(layout: &[pb::TensorSpec]) -> Vec<TensorSpec> {
         .collect()
 }
 
-/// Splits a serialised state into the chunks that `FetchState`/`PushState` stream.
-pub fn state_chunks(bytes: &[u8], epoch: u64, step: u64) -> Vec<pb::StateChunk> {
+/// Splits a serialised state into the chunks that `FetchState`/`PushState` stream, each
+/// tagged with the state's version.
+pub fn state_chunks(bytes: &[u8], state_version: u64) -> Vec<pb::StateChunk> {
     let total = bytes.len() as u64;
     if bytes.is_empty() {
         return vec![pb::StateChunk {
             total_bytes: 0,
             offset: 0,
             data: bytes::Bytes::new(),
-            epoch,
-            step,
+            state_version,
         }];
     }
     bytes
@@ -103,16 +92,17 @@ pub fn state_chunks(bytes: &[u8], epoch: u64, step: u64) -> Vec<pb::StateChunk> 
             total_bytes: total,
             offset: (i * crate::STATE_CHUNK_BYTES) as u64,
             data: bytes::Bytes::copy_from_slice(c),
-            epoch,
-            step,
+            state_version,
         })
         .collect()
 }
 
-/// Reassembles streamed state chunks, refusing gaps, overlaps and oversized totals.
+/// Reassembles streamed state chunks, refusing gaps, overlaps, oversized totals and chunks of
+/// different versions.
 #[derive(Default)]
 pub struct StateAssembler {
     total: Option<u64>,
+    version: Option<u64>,
     buf: Vec<u8>,
 }
 
@@ -120,6 +110,13 @@ impl StateAssembler {
     /// Adds the next chunk; chunks must arrive in order.
     pub fn push(&mut self, chunk: pb::StateChunk) -> Result<(), String> {
         let total = *self.total.get_or_insert(chunk.total_bytes);
+        let version = *self.version.get_or_insert(chunk.state_version);
+        if chunk.state_version != version {
+            return Err(format!(
+                "state chunk of version {}, earlier chunks were version {version}",
+                chunk.state_version
+            ));
+        }
         if chunk.total_bytes != total {
             return Err(format!(
                 "state chunk says total {} bytes, earlier chunks said {total}",
@@ -145,8 +142,8 @@ impl StateAssembler {
         Ok(())
     }
 
-    /// The whole state, once every announced byte is in.
-    pub fn finish(self) -> Result<Vec<u8>, String> {
+    /// The whole state and its version, once every announced byte is in.
+    pub fn finish(self) -> Result<(Vec<u8>, u64), String> {
         let total = self.total.unwrap_or(0);
         if self.buf.len() as u64 != total {
             return Err(format!(
@@ -154,7 +151,7 @@ impl StateAssembler {
                 self.buf.len()
             ));
         }
-        Ok(self.buf)
+        Ok((self.buf, self.version.unwrap_or(0)))
     }
 }
 
@@ -167,13 +164,13 @@ mod tests {
         let bytes: Vec<u8> = (0..(crate::STATE_CHUNK_BYTES * 2 + 17))
             .map(|i| i as u8)
             .collect();
-        let chunks = state_chunks(&bytes, 1, 2);
+        let chunks = state_chunks(&bytes, 7);
         assert_eq!(chunks.len(), 3);
         let mut asm = StateAssembler::default();
         for c in chunks.clone() {
             asm.push(c).unwrap();
         }
-        assert_eq!(asm.finish().unwrap(), bytes);
+        assert_eq!(asm.finish().unwrap(), (bytes, 7));
 
         let mut asm = StateAssembler::default();
         asm.push(chunks[0].clone()).unwrap();

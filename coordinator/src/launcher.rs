@@ -1,15 +1,22 @@
-//! Spawns the local `lockstep-worker` processes of `lockstep train --workers N` (like
-//! `torchrun --nproc-per-node`), logs each to `logs/worker-<i>.log` in the run directory, tells
-//! the engine when one exits early, and stops them all when the job ends.
+//! Spawns and supervises the local `lockstep-worker` processes of `lockstep train --workers N`
+//! (like `torchrun --nproc-per-node`): logs each slot to `logs/worker-<i>.log` in the run
+//! directory (appending, so restarts and resumed runs keep the history), tells the engine when
+//! one exits, starts a new one in its slot while `--max-restarts` allows (the new process joins
+//! the running job as a replacement), kills a worker the engine declared lost (it may be frozen),
+//! and stops them all when the job ends. On Linux the workers die with the coordinator
+//! (`PR_SET_PDEATHSIG`), so a coordinator killed with SIGKILL leaves no orphans behind.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use lockstep_common::auth::{Token, TOKEN_ENV};
 use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::service::Event;
@@ -42,86 +49,215 @@ pub fn worker_binary() -> Result<PathBuf> {
     )
 }
 
-/// The spawned workers.
-pub struct LocalWorkers {
-    stop: watch::Sender<bool>,
-    monitors: Vec<JoinHandle<()>>,
-}
-
 /// What each spawned worker is told.
-pub struct SpawnSpec<'a> {
+#[derive(Clone)]
+pub struct SpawnSpec {
     /// How many workers.
     pub count: usize,
     /// The coordinator's URL, e.g. `http://127.0.0.1:41234`.
     pub coordinator: String,
     /// The job token, passed through the environment (never on the command line).
-    pub token: &'a Token,
+    pub token: Token,
     /// Compute threads per worker.
     pub threads: u32,
-    /// Device per worker index (`cpu`, `cuda:N`).
+    /// Device per slot (`cpu`, `cuda:N`).
     pub devices: Vec<String>,
-    /// Log file per worker index.
+    /// Log file per slot.
     pub logs: Vec<PathBuf>,
+    /// How many times in all a worker may be started again.
+    pub max_restarts: u32,
+}
+
+enum Order {
+    Lost(u32),
+    Stop,
+}
+
+/// The engine's handle on the launcher.
+#[derive(Clone)]
+pub struct LauncherHandle {
+    commands: mpsc::UnboundedSender<Order>,
+    restarts_left: Arc<AtomicU32>,
+}
+
+impl LauncherHandle {
+    /// The engine dropped the worker with process id `pid`: kill it if it is one of ours and
+    /// still running (frozen, or removed for a fault of its own).
+    pub fn declare_lost(&self, pid: u32) {
+        let _ = self.commands.send(Order::Lost(pid));
+    }
+
+    /// Restarts still allowed.
+    pub fn restarts_left(&self) -> u32 {
+        self.restarts_left.load(Ordering::SeqCst)
+    }
+}
+
+/// The supervised local workers.
+pub struct LocalWorkers {
+    handle: LauncherHandle,
+    supervisor: JoinHandle<()>,
+}
+
+/// A process exit, from its wait task.
+struct Exit {
+    slot: usize,
+    pid: u32,
+    status: String,
 }
 
 impl LocalWorkers {
-    /// Spawns the workers; each one's early exit becomes an [`Event::ProcessExited`].
-    pub fn spawn(spec: SpawnSpec<'_>, events: mpsc::UnboundedSender<Event>) -> Result<Self> {
+    /// Spawns the workers; each exit becomes an [`Event::ProcessExited`].
+    pub fn spawn(spec: SpawnSpec, events: mpsc::UnboundedSender<Event>) -> Result<Self> {
         let bin = worker_binary()?;
-        let (stop, stop_rx) = watch::channel(false);
-        let mut monitors = Vec::new();
-        for index in 0..spec.count {
-            let log_path = spec.logs[index].clone();
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("creating {}", log_path.display()))?;
-            let mut child = Command::new(&bin)
-                .arg("--coordinator")
-                .arg(&spec.coordinator)
-                .arg("--threads")
-                .arg(spec.threads.to_string())
-                .arg("--device")
-                .arg(&spec.devices[index])
-                .env(TOKEN_ENV, spec.token.expose())
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
-            let pid = child.id().unwrap_or(0);
-            let events = events.clone();
-            let mut stop_rx = stop_rx.clone();
-            monitors.push(tokio::spawn(async move {
+        let (commands, mut command_rx) = mpsc::unbounded_channel();
+        let (exit_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
+        let restarts_left = Arc::new(AtomicU32::new(spec.max_restarts));
+        let mut running: BTreeMap<u32, usize> = BTreeMap::new();
+        for slot in 0..spec.count {
+            let pid = start(&bin, &spec, slot, exit_tx.clone())?;
+            running.insert(pid, slot);
+        }
+        let left = restarts_left.clone();
+        let supervisor = tokio::spawn(async move {
+            let mut stopping = false;
+            loop {
                 tokio::select! {
-                    status = child.wait() => {
-                        let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                        if !*stop_rx.borrow() {
-                            let detail = format!("{status}; last lines of {}:\n{}", log_path.display(), tail(&log_path, 6));
-                            let _ = events.send(Event::ProcessExited { index, pid, detail });
+                    command = command_rx.recv(), if !stopping => match command {
+                        Some(Order::Lost(pid)) => {
+                            if running.contains_key(&pid) {
+                                kill(pid);
+                            }
+                        }
+                        Some(Order::Stop) | None => stopping = true,
+                    },
+                    exit = exits.recv() => {
+                        let Some(Exit { slot, pid, status }) = exit else { break };
+                        running.remove(&pid);
+                        if stopping {
+                            if running.is_empty() {
+                                break;
+                            }
+                            continue;
+                        }
+                        let log = &spec.logs[slot];
+                        let detail = format!("{status}; last lines of {}:\n{}", log.display(), tail(log, 6));
+                        let _ = events.send(Event::ProcessExited { index: slot, pid, detail });
+                        let claimed = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                        if claimed.is_ok() {
+                            let used = spec.max_restarts - left.load(Ordering::SeqCst);
+                            match start(&bin, &spec, slot, exit_tx.clone()) {
+                                Ok(pid) => {
+                                    tracing::info!(
+                                        "started local worker {slot} again (pid {pid}; restart {used} of {})",
+                                        spec.max_restarts
+                                    );
+                                    running.insert(pid, slot);
+                                }
+                                Err(e) => tracing::error!("could not start local worker {slot} again: {e:#}"),
+                            }
                         }
                     }
-                    _ = async { while !*stop_rx.borrow() { if stop_rx.changed().await.is_err() { break; } } } => {
-                        // Workers exit by themselves after `Finish` or `Abort`; give them a moment.
-                        if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
-                            let _ = child.kill().await;
+                    // Workers exit by themselves after Finish or Abort; then kill what is left.
+                    _ = tokio::time::sleep(Duration::from_secs(2)), if stopping => {
+                        for &pid in running.keys() {
+                            kill(pid);
                         }
                     }
                 }
-            }));
-        }
-        Ok(Self { stop, monitors })
+                if stopping && running.is_empty() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            handle: LauncherHandle {
+                commands,
+                restarts_left,
+            },
+            supervisor,
+        })
+    }
+
+    /// The engine's handle.
+    pub fn handle(&self) -> LauncherHandle {
+        self.handle.clone()
     }
 
     /// Stops the workers (they have normally exited already) and waits for them.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for m in self.monitors {
-            let _ = m.await;
+        let _ = self.handle.commands.send(Order::Stop);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.supervisor).await;
+    }
+}
+
+/// Starts slot `slot`'s worker; its exit is sent to `exits`. Returns its pid.
+fn start(
+    bin: &Path,
+    spec: &SpawnSpec,
+    slot: usize,
+    exits: mpsc::UnboundedSender<Exit>,
+) -> Result<u32> {
+    let log_path = &spec.logs[slot];
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut command = Command::new(bin);
+    command
+        .arg("--coordinator")
+        .arg(&spec.coordinator)
+        .arg("--threads")
+        .arg(spec.threads.to_string())
+        .arg("--device")
+        .arg(&spec.devices[slot])
+        // A local worker has nothing to rejoin: it dies with its coordinator.
+        .arg("--rejoin-timeout")
+        .arg("0")
+        .env(TOKEN_ENV, spec.token.expose())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid) are made.
+        unsafe {
+            command.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // The coordinator may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
         }
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id().unwrap_or(0);
+    tokio::spawn(async move {
+        let status = child
+            .wait()
+            .await
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string());
+        let _ = exits.send(Exit { slot, pid, status });
+    });
+    Ok(pid)
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) with a pid this launcher started and has not seen exit.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
 }
 

@@ -1,21 +1,24 @@
 //! The Lockstep coordinator: one per job. It owns the data, the schedule and the evaluation;
-//! admits workers over gRPC; streams each its share of every global batch; in gRPC mode
-//! reduces their gradients in rank order and keeps its own replica in step; evaluates after
-//! every epoch and writes the run directory.
+//! admits workers over gRPC; streams each its shards of every global batch; in gRPC mode sums
+//! their shard gradients in shard order and keeps its own replica in step; carries on when
+//! workers are lost or join; evaluates after every epoch and writes the run directory, which a
+//! later `lockstep train --resume` continues.
 //!
-//! - [`service`]: the gRPC surface (`Join`, `FetchState`, `Train`, …) and membership.
-//! - [`engine`]: the training loop that drives every step.
-//! - [`reducer`]: the rank-order gradient average.
-//! - [`launcher`]: spawns local `lockstep-worker` processes.
-//! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary).
+//! - [`service`]: the gRPC surface (`Join`, `FetchState`, `Train`, …), turned into events.
+//! - [`membership`]: who is in the job: admissions, ranks, generations.
+//! - [`engine`]: the training loop that drives every step, and what faults do to it.
+//! - [`error`]: why a worker was lost, why a job stopped.
+//! - [`launcher`]: spawns, supervises and restarts local `lockstep-worker` processes.
+//! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary), and reopening it.
 //! - [`progress`]: the per-epoch progress bar or log lines.
 //! - [`server`]: binds the listener and serves the service plus `grpc.health.v1`.
-//! - [`train`]: puts the pieces together for `lockstep train`.
+//! - [`train`]: puts the pieces together for `lockstep train`, fresh or resumed.
 
 pub mod engine;
+pub mod error;
 pub mod launcher;
+pub mod membership;
 pub mod progress;
-pub mod reducer;
 pub mod run_dir;
 pub mod server;
 pub mod service;

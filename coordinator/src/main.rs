@@ -74,7 +74,7 @@ struct ConfigArgs {
     #[arg(long, env = "LOCKSTEP_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Run directory (default runs/<preset>-<date>-<time>).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", id = "out")]
     out: Option<PathBuf>,
     /// Gradient all-reduce: grpc (CPU, through the coordinator), tcp (CPU, among the workers) or
     /// nccl (CUDA GPUs).
@@ -83,6 +83,10 @@ struct ConfigArgs {
     /// Compute threads per local worker (default: cores / workers).
     #[arg(long)]
     threads: Option<u32>,
+    /// Local workers: how many times in all a worker that died is started again (it rejoins
+    /// the running job), as `torchrun --max-restarts` (default 0).
+    #[arg(long)]
+    max_restarts: Option<u32>,
 }
 
 impl ConfigArgs {
@@ -101,6 +105,7 @@ impl ConfigArgs {
             out: self.out.clone(),
             backend: self.backend.clone(),
             threads: self.threads,
+            max_restarts: self.max_restarts,
         }
     }
 
@@ -119,6 +124,14 @@ struct TrainArgs {
     /// File holding the job token for external workers (default: $LOCKSTEP_TOKEN).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its newest checkpoint; its config.toml is the default
+    /// configuration, and settings that would change what is computed are refused.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "auto_resume")]
+    resume: Option<PathBuf>,
+    /// Resume the run in --out if it holds one, else start it there (for deployments whose
+    /// coordinator is restarted after a failure).
+    #[arg(long, requires = "out")]
+    auto_resume: bool,
 }
 
 fn main() -> ExitCode {
@@ -141,10 +154,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .build()?;
     match cli.command {
         Command::Train(args) => {
-            let mut config = args.config.load()?;
+            let resume_dir = match (&args.resume, args.auto_resume, &args.config.out) {
+                (Some(dir), _, _) => Some(dir.clone()),
+                (None, true, Some(out)) if out.join("config.toml").exists() => Some(out.clone()),
+                _ => None,
+            };
+            let (mut config, resume) = match resume_dir {
+                Some(dir) => {
+                    let resume = train::Resume::open(&dir)?;
+                    let config = resume
+                        .configuration(args.config.config.as_deref(), &args.config.overrides())?;
+                    (config, Some(resume))
+                }
+                None => (args.config.load()?, None),
+            };
             if config.backend == config::Backend::Nccl && !args.external_workers {
                 let gpus = lockstep_coordinator::train::visible_gpus()?;
-                if !config::workers_given(args.config.config.as_deref(), &args.config.overrides()) {
+                if resume.is_none()
+                    && !config::workers_given(
+                        args.config.config.as_deref(),
+                        &args.config.overrides(),
+                    )
+                {
                     config.workers = gpus.max(1) as u32;
                 }
                 if (gpus as u32) < config.workers {
@@ -162,7 +193,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 Workers::Local
             };
-            runtime.block_on(train::run(config, workers))?;
+            match runtime.block_on(train::run(config, workers, resume))? {
+                train::Outcome::Trained(_) => {}
+                train::Outcome::AlreadyFinished(dir) => eprintln!(
+                    "the run in {} has finished already (see its summary.json); nothing to resume",
+                    dir.display()
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(args) => {

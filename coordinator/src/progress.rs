@@ -41,26 +41,44 @@ impl EpochProgress {
         }
     }
 
-    /// Records that `done` steps of the epoch are applied, with `samples` samples seen and
-    /// the running mean loss.
-    pub fn update(&mut self, done: u64, samples: u64, loss: f64) {
+    /// Starts the display for an epoch resumed after `done` of its steps.
+    pub fn resume(epoch: u64, epochs: u64, steps: u64, done: u64) -> Self {
+        let mut p = Self::start(epoch, epochs, steps);
+        while p.next_log <= done {
+            p.next_log += steps.div_ceil(10);
+        }
+        if let Some(bar) = &p.bar {
+            bar.set_position(done);
+        }
+        p
+    }
+
+    /// Records that `done` steps of the epoch are applied, with `samples` samples seen, the
+    /// running mean loss, the workers taking part and the membership changes of the epoch.
+    pub fn update(&mut self, done: u64, samples: u64, loss: f64, workers: usize, changes: u64) {
         let rate = samples as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        let membership = match changes {
+            0 => format!("{workers} workers"),
+            n => format!("{workers} workers ({n} membership changes)"),
+        };
         match &self.bar {
             Some(bar) => {
                 if done.is_multiple_of(16) || done == self.steps {
                     bar.set_position(done);
-                    bar.set_message(format!("{rate:.0} samples/s loss {loss:.4}"));
+                    bar.set_message(format!("{rate:.0} samples/s loss {loss:.4} {membership}"));
                 }
             }
             None => {
                 if done >= self.next_log {
                     tracing::info!(
-                        "epoch {}/{} step {done}/{} {rate:.0} samples/s loss {loss:.4}",
+                        "epoch {}/{} step {done}/{} {rate:.0} samples/s loss {loss:.4} {membership}",
                         self.epoch,
                         self.epochs,
                         self.steps
                     );
-                    self.next_log += self.steps.div_ceil(10);
+                    while self.next_log <= done {
+                        self.next_log += self.steps.div_ceil(10);
+                    }
                 }
             }
         }

@@ -1,17 +1,20 @@
 //! The run directory: `config.toml` (the effective configuration), `metrics.jsonl` (one line
-//! per epoch), `checkpoints/epoch-NNNN.safetensors`, `model.safetensors` (PyTorch names) and
-//! `summary.json`, plus `logs/` for the workers this coordinator spawned.
+//! per epoch), `checkpoints/` (`epoch-NNNN.safetensors` after each epoch, and the newest
+//! `epoch-NNNN-step-SSSSSS.safetensors` within one), `model.safetensors` (PyTorch names) and
+//! `summary.json`, plus `logs/` for the workers this coordinator spawned. A run directory can be
+//! reopened to resume the run from its newest checkpoint ([`RunDir::reopen`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lockstep_common::checkpoint::{params_to_bytes, write_atomic, TrainingState};
+use lockstep_common::checkpoint::{params_to_bytes, write_atomic, Extras, TrainingState};
 use lockstep_common::codec::TensorSpec;
-use serde::Serialize;
+use lockstep_common::protocol::StepId;
+use serde::{Deserialize, Serialize};
 
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// Epoch number, from 1.
     pub epoch: u64,
@@ -29,8 +32,17 @@ pub struct EpochMetrics {
     pub samples_per_second: f64,
     /// Wall time of the evaluation.
     pub eval_seconds: f64,
-    /// Workers that took part.
+    /// Workers taking part at the epoch's end.
     pub workers: u32,
+    /// Workers that joined or were lost during the epoch.
+    #[serde(default)]
+    pub membership_changes: u64,
+    /// Distinct training samples applied in the epoch (all of them, in every epoch).
+    #[serde(default)]
+    pub samples_covered: u64,
+    /// Sample applications in the epoch (each sample once: equal to `samples_covered`).
+    #[serde(default)]
+    pub samples_applied: u64,
     /// Bytes on the wire per step (batches, gradients up, reduced gradients down).
     pub bytes_per_step: f64,
 }
@@ -58,8 +70,10 @@ pub struct Summary {
     pub train_seconds: f64,
     /// Whole job time, from start to the last file.
     pub total_seconds: f64,
-    /// Workers.
+    /// Workers at the end.
     pub workers: u32,
+    /// Workers that joined or were lost, in the whole run (this process).
+    pub membership_changes: u64,
     /// Backend.
     pub backend: String,
     /// Seed.
@@ -105,11 +119,16 @@ impl RunDir {
         self.root.join("logs").join(format!("worker-{index}.log"))
     }
 
-    /// The checkpoint file of a finished epoch (numbered from 1).
-    pub fn checkpoint_path(&self, epoch: u64) -> PathBuf {
-        self.root
-            .join("checkpoints")
-            .join(format!("epoch-{epoch:04}.safetensors"))
+    /// The checkpoint file of the state at `at` (the first step not applied):
+    /// `epoch-NNNN` after epoch NNNN (from 1), `epoch-NNNN-step-SSSSSS` after SSSSSS steps of
+    /// epoch NNNN.
+    pub fn checkpoint_path(&self, at: StepId) -> PathBuf {
+        let name = if at.step == 0 {
+            format!("epoch-{:04}.safetensors", at.epoch)
+        } else {
+            format!("epoch-{:04}-step-{:06}.safetensors", at.epoch + 1, at.step)
+        };
+        self.root.join("checkpoints").join(name)
     }
 
     /// Appends one epoch's metrics.
@@ -121,20 +140,109 @@ impl RunDir {
             .with_context(|| format!("opening {}", path.display()))?;
         writeln!(f, "{}", serde_json::to_string(m)?)
             .with_context(|| format!("writing {}", path.display()))?;
+        f.sync_data()
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
-    /// Saves the checkpoint of a finished epoch.
+    /// Saves a checkpoint of `state` (with `extras` within an epoch) and removes the mid-epoch
+    /// checkpoints it supersedes; epoch checkpoints are kept.
     pub fn save_checkpoint(
         &self,
-        epoch: u64,
         state: &TrainingState,
         layout: &[TensorSpec],
         config_toml: &str,
+        extras: &Extras,
     ) -> Result<PathBuf> {
-        let path = self.checkpoint_path(epoch);
-        state.save(&path, layout, config_toml)?;
+        let at = StepId::new(state.position.epoch, state.position.step);
+        let path = self.checkpoint_path(at);
+        write_atomic(&path, &state.to_bytes_with(layout, config_toml, extras)?)?;
+        for (older, file) in self.checkpoints()? {
+            if older < at && older.step != 0 {
+                let _ = std::fs::remove_file(file);
+            }
+        }
         Ok(path)
+    }
+
+    /// The checkpoints on disk with the positions their names give, newest first.
+    pub fn checkpoints(&self) -> Result<Vec<(StepId, PathBuf)>> {
+        let dir = self.root.join("checkpoints");
+        let mut found = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if let Some(at) = parse_checkpoint_name(name) {
+                found.push((at, path));
+            }
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        Ok(found)
+    }
+
+    /// Reopens a run directory to resume it: its saved configuration, and whether it finished.
+    /// Fails clearly when the folder holds no run.
+    pub fn reopen(root: &Path) -> Result<(Self, String, bool)> {
+        let config_path = root.join("config.toml");
+        let config = std::fs::read_to_string(&config_path).with_context(|| {
+            format!(
+                "{} holds no Lockstep run to resume (no readable config.toml); start one with `lockstep train \
+                 --out {}`",
+                root.display(),
+                root.display()
+            )
+        })?;
+        std::fs::create_dir_all(root.join("checkpoints"))
+            .and_then(|_| std::fs::create_dir_all(root.join("logs")))
+            .with_context(|| format!("reopening the run directory {}", root.display()))?;
+        if !root.join("metrics.jsonl").exists() {
+            std::fs::write(root.join("metrics.jsonl"), "")
+                .with_context(|| format!("writing {}", root.join("metrics.jsonl").display()))?;
+        }
+        let finished = root.join("summary.json").exists();
+        Ok((
+            Self {
+                root: root.to_path_buf(),
+            },
+            config,
+            finished,
+        ))
+    }
+
+    /// Keeps the metrics of epochs `1..=epochs` only (a resumed run trains the later ones
+    /// again), dropping a torn last line. Returns the last kept epoch's metrics.
+    pub fn keep_metrics_until(&self, epochs: u64) -> Result<Option<EpochMetrics>> {
+        let path = self.root.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut kept = Vec::new();
+        let mut last = None;
+        for line in text.lines() {
+            let Ok(m) = serde_json::from_str::<EpochMetrics>(line) else {
+                continue;
+            };
+            if m.epoch <= epochs
+                && last
+                    .as_ref()
+                    .is_none_or(|l: &EpochMetrics| m.epoch > l.epoch)
+            {
+                kept.push(line);
+                last = Some(m);
+            }
+        }
+        let mut out = kept.join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        write_atomic(&path, out.as_bytes())?;
+        Ok(last)
     }
 
     /// Writes the final model (PyTorch names) and the summary.
@@ -148,6 +256,18 @@ impl RunDir {
             serde_json::to_string_pretty(summary)?.as_bytes(),
         )?;
         Ok(())
+    }
+}
+
+/// The position a checkpoint's file name gives (see [`RunDir::checkpoint_path`]).
+fn parse_checkpoint_name(name: &str) -> Option<StepId> {
+    let stem = name.strip_suffix(".safetensors")?.strip_prefix("epoch-")?;
+    match stem.split_once("-step-") {
+        None => Some(StepId::new(stem.parse().ok()?, 0)),
+        Some((epoch, step)) => {
+            let epoch: u64 = epoch.parse().ok()?;
+            Some(StepId::new(epoch.checked_sub(1)?, step.parse().ok()?))
+        }
     }
 }
 
@@ -188,6 +308,90 @@ mod tests {
     fn dates_convert() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_780), (2026, 11, 23));
+    }
+
+    #[test]
+    fn checkpoint_names_give_their_position_and_old_mid_epoch_ones_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path(), "").unwrap();
+        assert_eq!(
+            run.checkpoint_path(StepId::new(1, 500))
+                .file_name()
+                .unwrap(),
+            "epoch-0002-step-000500.safetensors"
+        );
+        for name in [
+            "epoch-0001.safetensors",
+            "epoch-0002-step-000500.safetensors",
+            "epoch-0001.tmp",
+        ] {
+            std::fs::write(dir.path().join("checkpoints").join(name), "").unwrap();
+        }
+        let found: Vec<StepId> = run
+            .checkpoints()
+            .unwrap()
+            .into_iter()
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(found, [StepId::new(1, 500), StepId::new(1, 0)]);
+        let layout = lockstep_common::codec::pack_layout(&[("fc.bias", vec![1])]);
+        let state = TrainingState {
+            params: vec![0.0],
+            optimizer: lockstep_common::optim::OptimizerState {
+                step: 0,
+                buffers: vec![],
+            },
+            position: lockstep_common::checkpoint::Position {
+                epoch: 1,
+                step: 600,
+            },
+        };
+        run.save_checkpoint(&state, &layout, "", &Extras::default())
+            .unwrap();
+        let found: Vec<StepId> = run
+            .checkpoints()
+            .unwrap()
+            .into_iter()
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(found, [StepId::new(1, 600), StepId::new(1, 0)]);
+    }
+
+    #[test]
+    fn resuming_keeps_the_metrics_of_finished_epochs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path(), "seed = 1\n").unwrap();
+        let m = |epoch| EpochMetrics {
+            epoch,
+            train_loss: 1.0,
+            train_accuracy: 0.5,
+            test_loss: 1.0,
+            test_accuracy: 0.5,
+            epoch_seconds: 1.0,
+            samples_per_second: 1.0,
+            eval_seconds: 1.0,
+            workers: 2,
+            membership_changes: 0,
+            samples_covered: 10,
+            samples_applied: 10,
+            bytes_per_step: 1.0,
+        };
+        for e in [1, 2, 3] {
+            run.append_metrics(&m(e)).unwrap();
+        }
+        let path = dir.path().join("metrics.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"epoch\": 4, \"torn");
+        std::fs::write(&path, text).unwrap();
+        let (run, config, finished) = RunDir::reopen(dir.path()).unwrap();
+        assert_eq!((config.as_str(), finished), ("seed = 1\n", false));
+        assert_eq!(run.keep_metrics_until(2).unwrap().unwrap().epoch, 2);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        let err = RunDir::reopen(&dir.path().join("nothing"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("holds no Lockstep run to resume"), "{err}");
     }
 
     #[test]

@@ -1,21 +1,27 @@
 //! The coordinator's gRPC service: admission (`Join`), state transfer (`FetchState`,
-//! `PushState`) and the per-worker step stream (`Train`). It owns no training logic: every
-//! stream event is forwarded to the [`crate::engine`] as an [`Event`].
+//! `PushState`), leaving (`Leave`) and the per-worker step stream (`Train`). It owns no training
+//! logic: every stream event is converted into the project's types (a message that does not
+//! follow the protocol becomes [`Event::Malformed`], never a panic) and forwarded to the
+//! [`crate::engine`] as an [`Event`].
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::Stream;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::{Backend, JobConfig};
+use lockstep_common::protocol::{FromWorker, ProtocolError};
 use lockstep_common::wire::{self, pb};
-use lockstep_common::PROTOCOL_VERSION;
+use lockstep_common::{MAX_WORKER_ID_BYTES, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::membership::{Joining, MemberId, Membership};
 
 /// Outbound half of a worker's step stream.
 pub type WorkerTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
@@ -23,30 +29,44 @@ pub type WorkerTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 /// What the service tells the engine.
 #[derive(Debug)]
 pub enum Event {
-    /// Rank `rank` opened its step stream; the engine sends to it through `tx`.
+    /// A member opened its step stream; the engine sends to it through `tx`.
     StreamOpened {
-        /// The worker's rank.
-        rank: u32,
+        /// The member.
+        member: MemberId,
         /// Where to send its messages.
         tx: WorkerTx,
     },
-    /// A message arrived on a worker's stream.
+    /// A message arrived on a member's stream.
     Message {
-        /// The sender's rank.
-        rank: u32,
-        /// The message.
-        msg: pb::WorkerMessage,
+        /// The sender.
+        member: MemberId,
+        /// The message, checked at the boundary.
+        msg: FromWorker,
     },
-    /// A worker's stream ended before the job did.
+    /// A member sent something that does not follow the protocol.
+    Malformed {
+        /// The sender.
+        member: MemberId,
+        /// What was wrong.
+        error: ProtocolError,
+    },
+    /// A member's stream ended before the job did.
     StreamClosed {
-        /// The worker's rank.
-        rank: u32,
+        /// The member.
+        member: MemberId,
         /// Why, as far as the transport knows.
+        reason: String,
+    },
+    /// A member left on purpose.
+    Left {
+        /// The member.
+        member: MemberId,
+        /// Its reason.
         reason: String,
     },
     /// A locally spawned worker process exited.
     ProcessExited {
-        /// Index of the spawned worker (not necessarily its rank).
+        /// The launcher's slot (not necessarily its rank).
         index: usize,
         /// Its process id.
         pid: u32,
@@ -55,28 +75,40 @@ pub enum Event {
     },
     /// The coordinator was asked to stop (Ctrl-C, SIGTERM).
     Interrupted(&'static str),
-    /// Rank 0 uploaded its state (NCCL mode).
+    /// A worker uploaded its state (collective modes).
     StatePushed {
+        /// The version the coordinator asked for (0: after a step marked for upload).
+        version: u64,
         /// The serialised state.
         bytes: Vec<u8>,
     },
 }
 
-/// A worker admitted by `Join`.
-#[derive(Clone, Debug)]
-pub struct Member {
-    /// The worker's self-description (host/pid).
-    pub worker_id: String,
-    /// Its compute device.
-    pub device: String,
-    /// Peer address.
-    pub peer: String,
-    /// Process id the worker reported.
-    pub pid: u32,
-    /// Set once its step stream is open.
-    pub streaming: bool,
-    /// Milliseconds since the coordinator started when it was last heard from.
-    pub last_seen_ms: Arc<AtomicU64>,
+/// Serialised training states that workers fetch, by version.
+#[derive(Default)]
+pub struct StateStore {
+    versions: BTreeMap<u64, Arc<Vec<u8>>>,
+    next: u64,
+}
+
+impl StateStore {
+    /// How many recent versions are kept for workers that are still fetching.
+    const KEEP: usize = 4;
+
+    /// Stores a state; returns its version (never 0).
+    pub fn put(&mut self, bytes: Vec<u8>) -> u64 {
+        self.next += 1;
+        self.versions.insert(self.next, Arc::new(bytes));
+        while self.versions.len() > Self::KEEP {
+            self.versions.pop_first();
+        }
+        self.next
+    }
+
+    /// A version, while it is kept.
+    pub fn get(&self, version: u64) -> Option<Arc<Vec<u8>>> {
+        self.versions.get(&version).cloned()
+    }
 }
 
 /// State shared between the service and the engine.
@@ -87,12 +119,12 @@ pub struct Shared {
     pub config_toml: String,
     /// The flat parameter layout.
     pub layout: Vec<TensorSpec>,
-    /// The serialised state a joining worker fetches.
-    pub state_bytes: Mutex<Arc<Vec<u8>>>,
-    /// Admitted workers, indexed by rank.
-    pub members: Mutex<Vec<Member>>,
-    /// Membership generation; every step message carries it.
-    pub membership_epoch: u64,
+    /// Steps per epoch.
+    pub steps_per_epoch: u64,
+    /// States workers fetch.
+    pub states: Mutex<StateStore>,
+    /// Who is in the job.
+    pub membership: Mutex<Membership>,
     /// Start of the coordinator's clock for `last_seen_ms`.
     pub started: Instant,
     /// The engine's event queue.
@@ -105,19 +137,14 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The rank of the admitted worker with process id `pid`, if any (local workers).
-    pub fn rank_of_pid(&self, pid: u32) -> Option<u32> {
-        let members = self.members.lock().expect("members lock");
-        members.iter().position(|m| m.pid == pid).map(|r| r as u32)
+    /// The membership, locked.
+    pub fn members(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().expect("membership lock")
     }
 
-    /// A description of rank `rank` for error messages: `rank 1 (host:pid at 127.0.0.1:5555)`.
-    pub fn describe(&self, rank: u32) -> String {
-        let members = self.members.lock().expect("members lock");
-        match members.get(rank as usize) {
-            Some(m) => format!("worker rank {rank} ({} at {})", m.worker_id, m.peer),
-            None => format!("worker rank {rank}"),
-        }
+    /// How errors name a member.
+    pub fn describe(&self, member: MemberId) -> String {
+        self.members().describe(member)
     }
 }
 
@@ -147,6 +174,19 @@ impl wire::Coordinator for CoordinatorService {
             .unwrap_or_else(|| "unknown address".into());
         let req = request.into_inner();
         let s = &self.shared;
+        for (what, text) in [
+            ("worker id", &req.worker_id),
+            ("device", &req.device),
+            ("model description", &req.model_description),
+            ("model fingerprint", &req.model_fingerprint),
+        ] {
+            if text.len() > MAX_WORKER_ID_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the {what} is {} bytes long; at most {MAX_WORKER_ID_BYTES} are accepted",
+                    text.len()
+                )));
+            }
+        }
         if req.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(
                 "refused worker {} at {peer}: protocol version {}",
@@ -181,36 +221,31 @@ impl wire::Coordinator for CoordinatorService {
                 req.worker_id, req.device
             )));
         }
-        let mut members = s.members.lock().expect("members lock");
-        if members.len() >= s.config.workers as usize {
-            return Err(Status::resource_exhausted(format!(
-                "the job already has its {} workers; this one ({}) is not needed",
-                s.config.workers, req.worker_id
-            )));
-        }
-        let rank = members.len() as u32;
-        members.push(Member {
+        let joining = Joining {
             worker_id: req.worker_id.clone(),
             device: req.device.clone(),
             peer: peer.clone(),
             pid: req.pid,
-            streaming: false,
-            last_seen_ms: Arc::new(AtomicU64::new(s.now_ms())),
-        });
+        };
+        let now = s.now_ms();
+        let member = s
+            .members()
+            .admit(joining, now)
+            .map_err(Status::resource_exhausted)?;
         tracing::info!(
-            "worker {} ({}) at {peer} joined as rank {rank}",
+            "worker {} ({}) at {peer} joined as rank {}",
             req.worker_id,
-            req.device
+            req.device,
+            member.rank
         );
         Ok(Response::new(pb::JoinReply {
-            rank,
-            world_size: s.config.workers,
-            membership_epoch: s.membership_epoch,
+            rank: member.rank,
+            member: member.id,
             job_config_toml: s.config_toml.clone(),
             layout: wire::layout_to_wire(&s.layout),
-            state_version: 0,
             heartbeat_interval_ms: s.config.cluster.heartbeat_interval_ms,
             backend: s.config.backend.to_string(),
+            steps_per_epoch: s.steps_per_epoch,
         }))
     }
 
@@ -218,10 +253,21 @@ impl wire::Coordinator for CoordinatorService {
 
     async fn fetch_state(
         &self,
-        _request: Request<pb::StateRequest>,
+        request: Request<pb::StateRequest>,
     ) -> Result<Response<Self::FetchStateStream>, Status> {
-        let bytes = self.shared.state_bytes.lock().expect("state lock").clone();
-        let chunks = wire::state_chunks(&bytes, 0, 0);
+        let version = request.into_inner().state_version;
+        let bytes = self
+            .shared
+            .states
+            .lock()
+            .expect("state lock")
+            .get(version)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "state version {version} is not (or no longer) kept; join again"
+                ))
+            })?;
+        let chunks = wire::state_chunks(&bytes, version);
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),
         ))))
@@ -238,47 +284,30 @@ impl wire::Coordinator for CoordinatorService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the step stream must start with Hello"))?;
-        let Some(pb::worker_message::Kind::Hello(hello)) = first.kind else {
+        let Ok(FromWorker::Hello { member }) = FromWorker::try_from(first) else {
             return Err(Status::invalid_argument(
                 "the step stream must start with Hello",
             ));
         };
         let s = self.shared.clone();
-        if hello.membership_epoch != s.membership_epoch {
-            return Err(Status::failed_precondition(format!(
-                "stale membership epoch {} (current {}): join again",
-                hello.membership_epoch, s.membership_epoch
-            )));
-        }
-        let last_seen = {
-            let mut members = s.members.lock().expect("members lock");
-            let Some(m) = members.get_mut(hello.rank as usize) else {
-                return Err(Status::failed_precondition(format!(
-                    "rank {} has not joined",
-                    hello.rank
-                )));
-            };
-            if m.streaming {
-                return Err(Status::already_exists(format!(
-                    "rank {} already has a step stream",
-                    hello.rank
-                )));
-            }
-            m.streaming = true;
-            m.last_seen_ms.clone()
-        };
-        let rank = hello.rank;
+        let last_seen = s
+            .members()
+            .open_stream(member)
+            .map_err(Status::failed_precondition)?
+            .last_seen_ms;
         let (tx, rx) = mpsc::channel(64);
-        let _ = s.events.send(Event::StreamOpened { rank, tx });
+        let _ = s.events.send(Event::StreamOpened { member, tx });
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.next().await {
                     Some(Ok(msg)) => {
                         last_seen.store(s.now_ms(), Ordering::Relaxed);
-                        if matches!(msg.kind, Some(pb::worker_message::Kind::Heartbeat(_))) {
-                            continue;
-                        }
-                        if s.events.send(Event::Message { rank, msg }).is_err() {
+                        let event = match FromWorker::try_from(msg) {
+                            Ok(FromWorker::Heartbeat) => continue,
+                            Ok(msg) => Event::Message { member, msg },
+                            Err(error) => Event::Malformed { member, error },
+                        };
+                        if s.events.send(event).is_err() {
                             return;
                         }
                     }
@@ -286,7 +315,7 @@ impl wire::Coordinator for CoordinatorService {
                     None => break "the worker closed its stream".to_string(),
                 }
             };
-            let _ = s.events.send(Event::StreamClosed { rank, reason });
+            let _ = s.events.send(Event::StreamClosed { member, reason });
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -300,8 +329,11 @@ impl wire::Coordinator for CoordinatorService {
         while let Some(chunk) = inbound.message().await? {
             asm.push(chunk).map_err(Status::invalid_argument)?;
         }
-        let bytes = asm.finish().map_err(Status::invalid_argument)?;
-        let _ = self.shared.events.send(Event::StatePushed { bytes });
+        let (bytes, version) = asm.finish().map_err(Status::invalid_argument)?;
+        let _ = self
+            .shared
+            .events
+            .send(Event::StatePushed { version, bytes });
         Ok(Response::new(pb::PushStateReply {}))
     }
 
@@ -310,9 +342,17 @@ impl wire::Coordinator for CoordinatorService {
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveReply>, Status> {
         let req = request.into_inner();
-        let _ = self.shared.events.send(Event::StreamClosed {
-            rank: req.rank,
-            reason: format!("the worker left: {}", req.reason),
+        let mut reason = req.reason;
+        if reason.len() > lockstep_common::protocol::MAX_REASON_BYTES {
+            let mut end = lockstep_common::protocol::MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        let _ = self.shared.events.send(Event::Left {
+            member: req.member,
+            reason,
         });
         Ok(Response::new(pb::LeaveReply {}))
     }

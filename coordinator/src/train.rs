@@ -1,26 +1,35 @@
-//! `lockstep train`: resolve the configuration, load MNIST, open the run directory, start the
-//! gRPC server, spawn local workers (or wait for external ones) and run the engine.
+//! `lockstep train`: resolve the configuration, load MNIST, open (or reopen) the run directory,
+//! start the gRPC server, spawn local workers (or wait for external ones) and run the engine.
+//!
+//! A resumed run (`--resume RUN_DIR`) continues from the newest checkpoint it can read, with
+//! the run's own configuration as the bottom layer; a setting that would change what is
+//! computed is refused, naming it. Since the schedule is a pure function of the seed and the
+//! epoch, and the arithmetic does not depend on the worker count, the resumed run ends with the
+//! model an uninterrupted one would have.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::{Position, TrainingState};
-use lockstep_common::config::{Backend, JobConfig};
+use lockstep_common::config::{self, Backend, JobConfig, Overrides};
 use lockstep_common::mnist::Mnist;
 use lockstep_common::model::Network;
 use lockstep_common::optim::Optimizer;
+use lockstep_common::schedule;
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EpochAccount, Start};
 use crate::launcher::{LocalWorkers, SpawnSpec};
+use crate::membership::Membership;
 use crate::run_dir::{default_run_path, RunDir, Summary};
-use crate::service::{Event, Shared};
+use crate::service::{Event, Shared, StateStore};
 
 /// How the workers come to the job.
 pub enum Workers {
-    /// Spawn this many local worker processes.
+    /// Spawn `config.workers` local worker processes.
     Local,
     /// Wait for `config.workers` workers to connect; the token comes from the environment.
     External(Token),
@@ -29,9 +38,69 @@ pub enum Workers {
 /// Default listen address for external workers (containers, clusters).
 pub const EXTERNAL_LISTEN: &str = "0.0.0.0:50051";
 
-/// Runs a whole training job and returns its summary.
-pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
+/// A run directory being resumed.
+pub struct Resume {
+    run: RunDir,
+    /// The configuration the run was started with.
+    pub config: JobConfig,
+    finished: bool,
+}
+
+impl Resume {
+    /// Opens `dir` for resuming.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let (run, text, finished) = RunDir::reopen(dir)?;
+        let config = JobConfig::from_toml_str(&text).with_context(|| {
+            format!(
+                "the configuration saved in {}",
+                dir.join("config.toml").display()
+            )
+        })?;
+        Ok(Self {
+            run,
+            config,
+            finished,
+        })
+    }
+
+    /// The configuration to resume with: the run's, under the file, environment and flags
+    /// given now. Refuses, naming each, settings that would change what is computed.
+    pub fn configuration(&self, file: Option<&Path>, overrides: &Overrides) -> Result<JobConfig> {
+        let mut cfg = config::load_resumed(&self.config, file, overrides)?;
+        let conflicts = self.config.resume_conflicts(&cfg);
+        if !conflicts.is_empty() {
+            bail!(
+                "cannot resume {}: the configuration now differs from the run's where that changes what is computed:\n  \
+                 {}\nleave these settings out (the run's own config.toml applies) or start a new run with another --out",
+                self.run.path().display(),
+                conflicts.join("\n  ")
+            );
+        }
+        cfg.out = Some(self.run.path().to_path_buf());
+        Ok(cfg)
+    }
+}
+
+/// How a `lockstep train` ended.
+pub enum Outcome {
+    /// Trained; the summary.
+    Trained(Summary),
+    /// The resumed run had finished already; its directory.
+    AlreadyFinished(PathBuf),
+}
+
+/// Runs a whole training job (or the rest of a resumed one).
+pub async fn run(
+    mut config: JobConfig,
+    workers: Workers,
+    resume: Option<Resume>,
+) -> Result<Outcome> {
     let started = Instant::now();
+    if let Some(r) = &resume {
+        if r.finished {
+            return Ok(Outcome::AlreadyFinished(r.run.path().to_path_buf()));
+        }
+    }
     if config.backend == Backend::Nccl
         && !cfg!(feature = "cuda")
         && matches!(workers, Workers::Local)
@@ -44,6 +113,7 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
     if matches!(workers, Workers::External(_)) && config.listen == "127.0.0.1:0" {
         config.listen = EXTERNAL_LISTEN.to_string();
     }
+    config.resolve();
     let run_path = config
         .out
         .clone()
@@ -60,29 +130,38 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
         data.test_len(),
         data_started.elapsed().as_secs_f64()
     );
+    let n_train = match config.train_samples as usize {
+        0 => data.train_len(),
+        n => n.min(data.train_len()),
+    };
 
     let listener = crate::server::bind(&config.listen).await?;
     let local_addr = listener.local_addr()?;
-    let run = RunDir::create(&run_path, &config_toml)?;
-
     let network = Network::new(&config.model);
-    let params = network.init_params(config.seed);
-    let optimizer = Optimizer::new(config.optimizer.clone(), params.len());
-    let initial = TrainingState {
-        params,
-        optimizer: optimizer.state().clone(),
-        position: Position::default(),
+    let (run, start) = match resume {
+        None => {
+            let run = RunDir::create(&run_path, &config_toml)?;
+            (run, initial_start(&config, &network))
+        }
+        Some(r) => {
+            let start = resumed_start(&r.run, &config, &network, n_train)?;
+            std::fs::write(r.run.path().join("config.toml"), &config_toml).with_context(|| {
+                format!("writing {}", r.run.path().join("config.toml").display())
+            })?;
+            (r.run, start)
+        }
     };
-    let state_bytes = initial.to_bytes(network.layout(), &config_toml)?;
+    let at = start.state.position;
+    let done = at.epoch >= config.epochs as u64;
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         config: config.clone(),
         config_toml: config_toml.clone(),
         layout: network.layout().to_vec(),
-        state_bytes: Mutex::new(Arc::new(state_bytes)),
-        members: Mutex::new(Vec::new()),
-        membership_epoch: 1,
+        steps_per_epoch: schedule::steps_per_epoch(n_train, config.batch_size as usize) as u64,
+        states: Mutex::new(StateStore::default()),
+        membership: Mutex::new(Membership::new(config.max_workers())),
         started: Instant::now(),
         events: events_tx.clone(),
     });
@@ -100,7 +179,7 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
     ));
 
     let signals = tokio::spawn(forward_signals(events_tx.clone()));
-    let spawned = if local {
+    let spawned = if local && !done {
         let threads = if config.threads > 0 {
             config.threads
         } else {
@@ -109,36 +188,40 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
                 .unwrap_or(1) as u32;
             (cores / config.workers).max(1)
         };
-        let devices = (0..config.workers)
-            .map(|i| config.backend.local_device(i))
-            .collect();
         let spec = SpawnSpec {
             count: config.workers as usize,
             coordinator: format!("http://127.0.0.1:{}", local_addr.port()),
-            token: &token,
+            token: token.clone(),
             threads,
-            devices,
+            devices: (0..config.workers)
+                .map(|i| config.backend.local_device(i))
+                .collect(),
             logs: (0..config.workers as usize)
                 .map(|i| run.worker_log(i))
                 .collect(),
+            max_restarts: config.max_restarts,
         };
         tracing::info!(
-            "spawned {} local workers ({threads} compute thread(s) each), logs in {}",
+            "spawned {} local workers ({threads} compute thread(s) each, up to {} restarts), logs in {}",
             config.workers,
+            config.max_restarts,
             run.path().join("logs").display()
         );
         Some(LocalWorkers::spawn(spec, events_tx.clone())?)
-    } else {
+    } else if !local {
         tracing::info!(
             "listening on {local_addr}; waiting for {} workers (lockstep-worker --coordinator http://HOST:{} with LOCKSTEP_TOKEN)",
             config.workers,
             local_addr.port()
         );
         None
+    } else {
+        None
     };
     drop(events_tx);
 
-    let engine = Engine::new(shared, events_rx, data, network, initial, run)?;
+    let launcher = spawned.as_ref().map(LocalWorkers::handle);
+    let engine = Engine::new(shared, events_rx, data, network, start, run, launcher)?;
     let result = engine.run().await;
     signals.abort();
     // Let the final Finish/Abort messages reach the workers before the server goes away.
@@ -157,7 +240,72 @@ pub async fn run(mut config: JobConfig, workers: Workers) -> Result<Summary> {
         summary.samples_per_second,
         run_path.display()
     );
-    Ok(summary)
+    Ok(Outcome::Trained(summary))
+}
+
+/// A new run starts from the seed's initial parameters.
+fn initial_start(config: &JobConfig, network: &Network) -> Start {
+    let params = network.init_params(config.seed);
+    let optimizer = Optimizer::new(config.optimizer.clone(), params.len());
+    Start {
+        state: TrainingState {
+            params,
+            optimizer: optimizer.state().clone(),
+            position: Position::default(),
+        },
+        account: None,
+        checkpoint: None,
+        last_metrics: None,
+    }
+}
+
+/// A resumed run starts from its newest readable checkpoint, or from the beginning when it has
+/// none (the seed gives the same initial state).
+fn resumed_start(
+    run: &RunDir,
+    config: &JobConfig,
+    network: &Network,
+    n_train: usize,
+) -> Result<Start> {
+    let opened = Instant::now();
+    for (_, path) in run.checkpoints()? {
+        let loaded = std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| TrainingState::from_bytes_with(network.layout(), &bytes));
+        let (state, _, extras) = match loaded {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("skipping the checkpoint {}: {e:#}", path.display());
+                continue;
+            }
+        };
+        let account = if state.position.step > 0 {
+            Some(EpochAccount::from_extras(&extras, n_train)?)
+        } else {
+            None
+        };
+        let last_metrics = run.keep_metrics_until(state.position.epoch)?;
+        tracing::info!(
+            "resuming {} from {} (epoch {} step {}), read in {:.2}s",
+            run.path().display(),
+            path.display(),
+            state.position.epoch + 1,
+            state.position.step,
+            opened.elapsed().as_secs_f64()
+        );
+        return Ok(Start {
+            state,
+            account,
+            checkpoint: Some(path),
+            last_metrics,
+        });
+    }
+    tracing::info!(
+        "{} has no checkpoint yet: training it again from the beginning (same seed, same model)",
+        run.path().display()
+    );
+    run.keep_metrics_until(0)?;
+    Ok(initial_start(config, network))
 }
 
 async fn forward_signals(events: mpsc::UnboundedSender<Event>) {

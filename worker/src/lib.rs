@@ -1,18 +1,22 @@
-//! The Lockstep worker: joins a coordinator, receives the job configuration and the initial
-//! state, then for every step computes the gradient of its share of the global batch,
-//! all-reduces it and applies the same optimizer step as every other replica.
+//! The Lockstep worker: joins a coordinator, receives the job configuration and its state,
+//! then for every step computes the gradients of the shards of the global batch it is given,
+//! all-reduces them and applies the same optimizer step as every other replica; it follows the
+//! job through membership changes, and rejoins a coordinator that comes back.
 //!
-//! - [`session`]: connecting, joining and fetching the initial state.
-//! - [`stream`]: the step stream: the network side (batches in, gradients out, heartbeats).
-//! - [`compute`]: the compute thread that owns the model replica.
+//! - [`run`]: a worker's life: join, train, rejoin.
+//! - [`session`]: connecting, joining, and moving training states to and from the coordinator.
+//! - [`stream`]: the step stream: the network side (work in, results out, heartbeats).
+//! - [`step_loop`]: the compute thread and its one step loop.
+//! - [`state`]: parameters and optimizer state, on the host or on the device.
+//! - [`allreduce`]: the backends' all-reduce (coordinator, tcp, nccl) behind one trait.
+//! - [`abort`]: how the network side interrupts a compute thread waiting on a vanished peer.
 //! - [`device`]: parsing `--device` into a candle device.
-//! - [`tcp`]: the all-reduce of CPU workers among themselves (`--backend tcp`).
-//! - `nccl` (feature `cuda`): the NCCL communicator and its bootstrap.
 
-pub mod compute;
+pub mod abort;
+pub mod allreduce;
 pub mod device;
-#[cfg(feature = "cuda")]
-pub mod nccl;
+pub mod run;
 pub mod session;
+pub mod state;
+pub mod step_loop;
 pub mod stream;
-pub mod tcp;

@@ -1,5 +1,5 @@
-//! Connecting to the coordinator (retrying while it starts), joining the job and fetching the
-//! initial training state.
+//! Connecting to the coordinator (retrying while it starts), joining the job, and moving
+//! training states to and from it.
 
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,6 @@ pub struct Joined {
     pub config: JobConfig,
     /// The network, whose layout matches the coordinator's.
     pub network: Network,
-    /// The initial state.
-    pub state: TrainingState,
 }
 
 /// How this worker introduces itself.
@@ -89,7 +87,7 @@ pub async fn join(
 ) -> Result<Joined> {
     let deadline = Instant::now() + patience;
     let mut wait = Duration::from_millis(100);
-    let (mut client, reply) = loop {
+    let (client, reply) = loop {
         let attempt = async {
             let mut client = connect(url, token)
                 .await
@@ -150,29 +148,51 @@ pub async fn join(
             config.model.describe()
         );
     }
-    let mut chunks = client
-        .fetch_state(pb::StateRequest {
-            state_version: reply.state_version,
-        })
-        .await
-        .context("fetching the initial state")?
-        .into_inner();
-    let mut asm = wire::StateAssembler::default();
-    while let Some(chunk) = chunks
-        .message()
-        .await
-        .context("receiving the initial state")?
-    {
-        asm.push(chunk).map_err(|e| anyhow!("initial state: {e}"))?;
-    }
-    let bytes = asm.finish().map_err(|e| anyhow!("initial state: {e}"))?;
-    let (state, _) =
-        TrainingState::from_bytes(network.layout(), &bytes).context("parsing the initial state")?;
     Ok(Joined {
         client,
         reply,
         config,
         network,
-        state,
     })
+}
+
+/// Fetches the training state the coordinator announced as `version`.
+pub async fn fetch_state(
+    client: &mut Client,
+    version: u64,
+    layout: &[TensorSpec],
+) -> Result<TrainingState> {
+    let mut chunks = client
+        .fetch_state(pb::StateRequest {
+            state_version: version,
+        })
+        .await
+        .with_context(|| format!("fetching state version {version}"))?
+        .into_inner();
+    let mut asm = wire::StateAssembler::default();
+    while let Some(chunk) = chunks
+        .message()
+        .await
+        .with_context(|| format!("receiving state version {version}"))?
+    {
+        asm.push(chunk)
+            .map_err(|e| anyhow!("state version {version}: {e}"))?;
+    }
+    let (bytes, _) = asm
+        .finish()
+        .map_err(|e| anyhow!("state version {version}: {e}"))?;
+    let (state, _) = TrainingState::from_bytes(layout, &bytes)
+        .with_context(|| format!("parsing state version {version}"))?;
+    Ok(state)
+}
+
+/// Uploads this worker's state, tagged with `version` (0: the state after a step the
+/// coordinator marked for upload).
+pub async fn push_state(client: &mut Client, version: u64, bytes: &[u8]) -> Result<()> {
+    let chunks = wire::state_chunks(bytes, version);
+    client
+        .push_state(tokio_stream::iter(chunks))
+        .await
+        .context("uploading the state")?;
+    Ok(())
 }

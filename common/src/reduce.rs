@@ -1,0 +1,93 @@
+//! The gradient average of a step: the shard gradients added **in shard order**, starting from
+//! zero, then divided by the global sample count. Floating-point addition is not associative,
+//! so a sum in arrival order (or in the order of whichever workers happen to be members) would
+//! make two runs with the same seed differ; a sum over a fixed number of shards in a fixed order
+//! makes every run of a job — with 1, 2 or 3 workers, or with workers lost and replaced —
+//! bit-identical. The grpc coordinator and the tcp backend's rank 0 both run this function, so
+//! the two backends agree bit for bit too.
+
+use crate::codec::{self, CodecError};
+
+/// A shard gradient that could not be reduced, and which shard it was.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed {
+    /// Index (into the parts) of the refused buffer.
+    pub part: usize,
+    /// What was wrong with it.
+    pub error: CodecError,
+}
+
+/// Averages the shards' summed gradients: `(0 + g_0 + g_1 + ... + g_{n-1}) / samples`, added in
+/// that order. `parts[k]` is shard `k`'s buffer (little-endian `f32` bytes); `out` receives the
+/// average and must have the layout's length.
+pub fn average_in_shard_order(
+    parts: &[&[u8]],
+    samples: u32,
+    out: &mut [f32],
+) -> Result<(), Malformed> {
+    out.fill(0.0);
+    for (part, bytes) in parts.iter().enumerate() {
+        codec::add_f32_bytes(out, bytes).map_err(|error| Malformed { part, error })?;
+    }
+    // A finite sum means every part was finite; only on failure look for the culprit.
+    if let Err(sum_error) = codec::check_finite(out) {
+        let mut scratch = vec![0.0f32; out.len()];
+        for (part, bytes) in parts.iter().enumerate() {
+            codec::decode_f32_into(bytes, &mut scratch)
+                .map_err(|error| Malformed { part, error })?;
+            codec::check_finite(&scratch).map_err(|error| Malformed { part, error })?;
+        }
+        // Every part is finite but their sum overflowed; blame the last part added.
+        return Err(Malformed {
+            part: parts.len().saturating_sub(1),
+            error: sum_error,
+        });
+    }
+    let n = samples.max(1) as f32;
+    for v in out.iter_mut() {
+        *v /= n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::encode_f32;
+
+    #[test]
+    fn sums_in_shard_order_whatever_the_arrival_order() {
+        // 1e8 + 1 - 1e8 in f32: shard order gives (1e8 + 1) - 1e8 = 0, another order gives 1.
+        let a = encode_f32(&[1.0e8, 2.0]);
+        let b = encode_f32(&[1.0, 4.0]);
+        let c = encode_f32(&[-1.0e8, 6.0]);
+        let mut out = [0.0f32; 2];
+        average_in_shard_order(&[&a, &b, &c], 2, &mut out).unwrap();
+        assert_eq!(out, [((1.0e8f32 + 1.0) - 1.0e8) / 2.0, 6.0]);
+        assert_eq!(out[0], 0.0);
+        let mut other = [0.0f32; 2];
+        average_in_shard_order(&[&a, &c, &b], 2, &mut other).unwrap();
+        assert_eq!(
+            other[0], 0.5,
+            "a different order really gives a different sum"
+        );
+    }
+
+    #[test]
+    fn malformed_parts_are_named() {
+        let good = encode_f32(&[1.0, 2.0]);
+        let short = encode_f32(&[1.0]);
+        let nan = encode_f32(&[f32::NAN, 0.0]);
+        let mut out = [0.0f32; 2];
+        let e = average_in_shard_order(&[&good, &short], 2, &mut out).unwrap_err();
+        assert_eq!(e.part, 1);
+        let e = average_in_shard_order(&[&nan, &good], 2, &mut out).unwrap_err();
+        assert_eq!(
+            e,
+            Malformed {
+                part: 0,
+                error: CodecError::NonFinite(0)
+            }
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! The engine's one way of waiting: the next event from the service, a tick every
+//! [`LIVENESS_CHECK`] so the caller can look for silent workers even when nothing arrives, or
+//! the caller's deadline. Every wait in the engine goes through [`Inbox::next`].
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::JobError;
+use crate::service::Event;
+
+/// How often a waiting engine looks for silent workers.
+pub const LIVENESS_CHECK: Duration = Duration::from_millis(200);
+
+/// What a wait produced.
+#[derive(Debug)]
+pub enum Next {
+    /// An event to handle.
+    Event(Event),
+    /// Time to check liveness; nothing arrived.
+    Tick,
+    /// The deadline passed.
+    Deadline,
+}
+
+/// The service → engine event queue.
+pub struct Inbox {
+    events: mpsc::UnboundedReceiver<Event>,
+    next_tick: Instant,
+}
+
+impl Inbox {
+    /// Wraps the receiving end of the service's events.
+    pub fn new(events: mpsc::UnboundedReceiver<Event>) -> Self {
+        Self {
+            events,
+            next_tick: Instant::now() + LIVENESS_CHECK,
+        }
+    }
+
+    /// Waits for the next event, the next liveness tick, or `deadline`, whichever comes first.
+    /// Ticks come on time even while events keep arriving, so a stream of messages from some
+    /// workers never hides the silence of another.
+    pub async fn next(&mut self, deadline: Option<Instant>) -> Result<Next, JobError> {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            return Ok(Next::Deadline);
+        }
+        if self.next_tick <= now {
+            self.next_tick = now + LIVENESS_CHECK;
+            return Ok(Next::Tick);
+        }
+        let wake = match deadline {
+            Some(d) if d < self.next_tick => d,
+            _ => self.next_tick,
+        };
+        match tokio::time::timeout_at(wake, self.events.recv()).await {
+            Ok(Some(event)) => Ok(Next::Event(event)),
+            Ok(None) => Err(JobError::Other(anyhow::anyhow!(
+                "the coordinator's event queue closed"
+            ))),
+            Err(_) if deadline.is_some_and(|d| d <= Instant::now()) => Ok(Next::Deadline),
+            Err(_) => {
+                self.next_tick = Instant::now() + LIVENESS_CHECK;
+                Ok(Next::Tick)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_come_even_while_events_keep_arriving_and_deadlines_end_the_wait() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inbox = Inbox::new(rx);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut ticks = 0;
+        let mut events = 0;
+        loop {
+            tx.send(Event::Interrupted("test")).unwrap();
+            match inbox.next(Some(deadline)).await.unwrap() {
+                Next::Event(_) => {
+                    events += 1;
+                    tokio::time::advance(Duration::from_millis(50)).await;
+                }
+                Next::Tick => ticks += 1,
+                Next::Deadline => break,
+            }
+        }
+        assert!(events >= 15, "{events} events");
+        assert!(ticks >= 4, "only {ticks} ticks in 1 s of steady events");
+    }
+}

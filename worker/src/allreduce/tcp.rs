@@ -1,0 +1,838 @@
+//! The all-reduce of the `tcp` backend: CPU workers average their gradients among themselves,
+//! so the coordinator is off the gradient path as it is with NCCL.
+//!
+//! Topology: a star around the membership's rank 0. Every other rank keeps one TCP connection
+//! to rank 0; per step it sends its shard gradients (one frame) and receives the average. Rank 0
+//! places every shard by its index and runs [`average_in_shard_order`] — the coordinator's grpc
+//! reducer — so the average does not depend on which rank computed which shard, and tcp and
+//! grpc jobs give the same bits. Rank 0 refuses missing, repeated or wrongly sized shards, and
+//! reports a non-finite one as divergence ([`Diverged`]).
+//!
+//! A write of the average to a rank that has just died does not fail the step at rank 0: the
+//! average was complete, so rank 0 applies it like every rank that received it; the
+//! coordinator then pauses the membership, and the survivors settle on the newest state.
+//!
+//! Bootstrap goes through the coordinator: rank 0 listens on an ephemeral port and sends its
+//! address, a fresh secret and the membership epoch as its rendezvous; the coordinator relays
+//! it to that membership's ranks only, and rank 0 accepts only connections that present the
+//! secret, the membership, the world size and the gradient length it expects.
+//!
+//! Wire format (little-endian): a connecting rank sends `MAGIC`, its rank (u32), the world
+//! size (u32), the gradient length in elements (u64), the membership (u64) and the secret (u16
+//! length + bytes); rank 0 answers with a u16-length message, empty when accepted. A step frame
+//! is the epoch (u64), the step (u64), the number of shards it holds `k` (u32), the step's
+//! shard count (u32), `k` shard indices (u32 each), the payload length in bytes (u64) and the
+//! payload (the `k` gradients back to back). Rank 0 answers with a frame of no shards whose
+//! payload is the average.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lockstep_common::auth::Token;
+use lockstep_common::codec::{self, CodecError};
+use lockstep_common::protocol::{StepId, MAX_SHARDS};
+use lockstep_common::reduce::average_in_shard_order;
+
+use super::{AllReduce, Bootstrap, Diverged, Former, ShardResult, StepWork};
+use crate::abort::{AbortSignal, Interrupted};
+use crate::state::Averaged;
+
+const MAGIC: &[u8; 8] = b"LSTCP\x00\x00\x02";
+/// How long a rank waits for another rank's gradient before giving up, unless set with
+/// [`TcpCollective::set_step_timeout`] (the worker uses `cluster.step_timeout_s`); the
+/// coordinator's heartbeat timeout catches a dead or frozen worker much sooner.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long an accepted connection has to present its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where rank 0 listens, the secret the other ranks present, and the membership the collective
+/// belongs to: what the coordinator relays.
+#[derive(Clone, Debug)]
+pub struct Rendezvous {
+    /// Rank 0's listening address.
+    pub addr: SocketAddr,
+    /// The secret of this collective.
+    pub secret: Token,
+    /// The membership epoch.
+    pub membership: u64,
+}
+
+impl Rendezvous {
+    /// The relayed form: `tcp2 <addr> <secret> <membership>`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        format!(
+            "tcp2 {} {} {}",
+            self.addr,
+            self.secret.expose(),
+            self.membership
+        )
+        .into_bytes()
+    }
+
+    /// Parses the relayed form.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).context("the tcp rendezvous is not UTF-8")?;
+        let parts: Vec<&str> = text.split(' ').collect();
+        match parts.as_slice() {
+            ["tcp2", addr, secret, membership] => Ok(Self {
+                addr: addr
+                    .parse()
+                    .with_context(|| format!("the tcp rendezvous address `{addr}`"))?,
+                secret: Token::new(*secret)?,
+                membership: membership
+                    .parse()
+                    .with_context(|| format!("the tcp rendezvous membership `{membership}`"))?,
+            }),
+            _ => bail!(
+                "the relayed rendezvous is not a tcp one (was the job started with another backend?)"
+            ),
+        }
+    }
+}
+
+/// Rank 0 before the other ranks have connected.
+pub struct Host {
+    listener: TcpListener,
+    rendezvous: Rendezvous,
+}
+
+impl Host {
+    /// Listens on an ephemeral port of `ip`, the address the other ranks will connect to.
+    pub fn bind(ip: IpAddr, membership: u64) -> Result<Self> {
+        let listener = TcpListener::bind((ip, 0))
+            .with_context(|| format!("listening for the other ranks on {ip}"))?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            rendezvous: Rendezvous {
+                addr,
+                secret: Token::generate(),
+                membership,
+            },
+        })
+    }
+
+    /// What to send the other ranks.
+    pub fn rendezvous(&self) -> &Rendezvous {
+        &self.rendezvous
+    }
+
+    /// Waits until ranks 1..world have connected and presented the secret; connections that
+    /// do not are refused and do not count. Fails after `timeout`, or when `abort` trips.
+    pub fn accept(
+        self,
+        world: u32,
+        len: usize,
+        timeout: Duration,
+        abort: &AbortSignal,
+    ) -> Result<TcpCollective> {
+        let deadline = Instant::now() + timeout;
+        self.listener.set_nonblocking(true)?;
+        let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+        while peers.iter().any(Option::is_none) {
+            abort.check()?;
+            let (mut stream, from) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        let missing: Vec<String> = peers
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, p)| p.is_none())
+                            .map(|(i, _)| (i + 1).to_string())
+                            .collect();
+                        bail!(
+                            "rank(s) {} did not connect to rank 0 at {} within {}s; they must be able to reach \
+                             it (set --advertise-addr on rank 0 if this host has several addresses)",
+                            missing.join(", "),
+                            self.rendezvous.addr,
+                            timeout.as_secs()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) => return Err(e).context("accepting a rank's connection"),
+            };
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+            let verdict = match read_handshake(&mut stream) {
+                Ok(h) => {
+                    let slot = (h.rank as usize).checked_sub(1).and_then(|i| peers.get(i));
+                    if !self.rendezvous.secret.matches(&h.secret) {
+                        Err("wrong secret".to_string())
+                    } else if h.membership != self.rendezvous.membership {
+                        Err(format!(
+                            "it belongs to membership {}, this collective to membership {}",
+                            h.membership, self.rendezvous.membership
+                        ))
+                    } else if h.world != world || h.len != len as u64 {
+                        Err(format!(
+                            "it expects {} ranks and {} gradient values, this job has {world} and {len}",
+                            h.world, h.len
+                        ))
+                    } else {
+                        match slot {
+                            None => Err(format!("rank {} is not a rank of {world}", h.rank)),
+                            Some(Some(_)) => Err(format!("rank {} is already connected", h.rank)),
+                            Some(None) => Ok(h.rank),
+                        }
+                    }
+                }
+                Err(e) => Err(format!("bad handshake: {e}")),
+            };
+            match verdict {
+                Ok(rank) => {
+                    write_reply(&mut stream, "")?;
+                    tracing::debug!("rank {rank} connected from {from}");
+                    peers[rank as usize - 1] = Some(stream);
+                }
+                Err(why) => {
+                    tracing::warn!("refused a connection from {from}: {why}");
+                    let _ = write_reply(&mut stream, &why);
+                }
+            }
+        }
+        let peers = peers.into_iter().flatten().collect();
+        TcpCollective::new(0, peers, len, abort)
+    }
+}
+
+/// One rank's end of the star.
+pub struct TcpCollective {
+    rank: u32,
+    /// Rank 0: the connections of ranks 1.. in rank order. Other ranks: the one to rank 0.
+    peers: Vec<TcpStream>,
+    /// Gradient length in elements.
+    len: usize,
+    step_timeout: Duration,
+    /// The frames last read, one per peer (their buffers reused every step).
+    frames: Vec<Frame>,
+    average: Vec<f32>,
+}
+
+/// A received step frame.
+#[derive(Default)]
+struct Frame {
+    shards: Vec<u32>,
+    payload: Vec<u8>,
+}
+
+impl TcpCollective {
+    /// Connects rank `rank` (not 0) to rank 0 and presents the secret.
+    pub fn connect(
+        rendezvous: &Rendezvous,
+        rank: u32,
+        world: u32,
+        len: usize,
+        timeout: Duration,
+        abort: &AbortSignal,
+    ) -> Result<Self> {
+        if rank == 0 || rank >= world {
+            bail!("rank {rank} of {world} cannot connect to rank 0");
+        }
+        let deadline = Instant::now() + timeout;
+        let mut stream = loop {
+            abort.check()?;
+            match TcpStream::connect_timeout(&rendezvous.addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("connecting to rank 0 at {}: {e}", rendezvous.addr);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "rank {rank} could not reach rank 0 at {} within {}s (set --advertise-addr on rank 0 \
+                             to an address the other workers can reach)",
+                            rendezvous.addr,
+                            timeout.as_secs()
+                        )
+                    })
+                }
+            }
+        };
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let secret = rendezvous.secret.expose().as_bytes();
+        let mut hello = Vec::with_capacity(40 + secret.len());
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&rank.to_le_bytes());
+        hello.extend_from_slice(&world.to_le_bytes());
+        hello.extend_from_slice(&(len as u64).to_le_bytes());
+        hello.extend_from_slice(&rendezvous.membership.to_le_bytes());
+        hello.extend_from_slice(&(secret.len() as u16).to_le_bytes());
+        hello.extend_from_slice(secret);
+        stream
+            .write_all(&hello)
+            .context("sending the handshake to rank 0")?;
+        let reply = read_reply(&mut stream).context("reading rank 0's answer to the handshake")?;
+        if !reply.is_empty() {
+            bail!("rank 0 refused rank {rank}: {reply}");
+        }
+        Self::new(rank, vec![stream], len, abort)
+    }
+
+    fn new(rank: u32, peers: Vec<TcpStream>, len: usize, abort: &AbortSignal) -> Result<Self> {
+        let mut clones = Vec::with_capacity(peers.len());
+        for p in &peers {
+            p.set_nodelay(true)?;
+            clones.push(p.try_clone()?);
+        }
+        // A pause or the job's end unblocks a rank waiting on a peer that will never answer.
+        abort.on_trip(move || {
+            for c in &clones {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        });
+        let frames = peers.iter().map(|_| Frame::default()).collect();
+        let mut collective = Self {
+            rank,
+            peers,
+            len,
+            step_timeout: STEP_TIMEOUT,
+            frames,
+            average: vec![0.0; len],
+        };
+        collective.set_step_timeout(STEP_TIMEOUT)?;
+        Ok(collective)
+    }
+
+    /// How long to wait for another rank's frame before failing.
+    pub fn set_step_timeout(&mut self, timeout: Duration) -> Result<()> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        for p in &self.peers {
+            p.set_read_timeout(Some(timeout))?;
+            p.set_write_timeout(Some(timeout))?;
+        }
+        self.step_timeout = timeout;
+        Ok(())
+    }
+
+    /// The average of step `id` over all its `shard_count` shards, each rank bringing its own
+    /// (`own`: shard index and little-endian f32 bytes, in shard order): summed in shard order
+    /// and divided by `global` at rank 0, which sends it to every rank.
+    pub fn average(
+        &mut self,
+        id: StepId,
+        shard_count: u32,
+        global: u32,
+        own: &[(u32, Vec<u8>)],
+    ) -> Result<&[f32]> {
+        if self.rank != 0 {
+            let peer = &mut self.peers[0];
+            let timeout = self.step_timeout;
+            write_frame(peer, id, shard_count, own, timeout)
+                .context("sending the shard gradients to rank 0")?;
+            let frame = &mut self.frames[0];
+            read_frame(peer, id, self.len, Holds::Average, frame, timeout)
+                .context("receiving the average from rank 0")?;
+            codec::decode_f32_into(&frame.payload, &mut self.average)
+                .map_err(|e| anyhow!("rank 0 sent a malformed average: {e}"))?;
+            return Ok(&self.average);
+        }
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            read_frame(
+                peer,
+                id,
+                self.len,
+                Holds::Shards,
+                &mut self.frames[i],
+                self.step_timeout,
+            )
+            .with_context(|| format!("receiving rank {}'s shard gradients", i + 1))?;
+        }
+        // Every shard of the step, by index, with the rank that sent it.
+        let mut parts: Vec<Option<(&[u8], usize)>> = vec![None; shard_count as usize];
+        let bytes = self.len * 4;
+        let theirs = self.frames.iter().enumerate().flat_map(|(i, f)| {
+            f.shards
+                .iter()
+                .enumerate()
+                .map(move |(k, &s)| (s, &f.payload[k * bytes..(k + 1) * bytes], i + 1))
+        });
+        let ours = own.iter().map(|(s, b)| (*s, b.as_slice(), 0));
+        for (shard, data, rank) in ours.chain(theirs) {
+            match parts.get_mut(shard as usize) {
+                Some(slot @ None) => *slot = Some((data, rank)),
+                Some(Some((_, first))) => {
+                    bail!("shard {shard} of {id} came from rank {first} and again from rank {rank}")
+                }
+                None => bail!("rank {rank} sent shard {shard}, but {id} has {shard_count} shards"),
+            }
+        }
+        let missing: Vec<String> = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.is_none())
+            .map(|(s, _)| s.to_string())
+            .collect();
+        if !missing.is_empty() {
+            bail!("no rank sent shard(s) {} of {id}", missing.join(", "));
+        }
+        let data: Vec<&[u8]> = parts.iter().flatten().map(|(d, _)| *d).collect();
+        if let Err(bad) = average_in_shard_order(&data, global, &mut self.average) {
+            let rank = parts[bad.part].map_or(0, |(_, r)| r);
+            return Err(match bad.error {
+                CodecError::NonFinite(_) => Diverged(format!(
+                    "shard {} of {id} from rank {rank} holds a non-finite value: the model diverged (a learning \
+                     rate too high?)",
+                    bad.part
+                ))
+                .into(),
+                other => anyhow!("rank {rank} sent a malformed gradient for shard {}: {other}", bad.part),
+            });
+        }
+        let average = codec::f32_le_bytes(&self.average);
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            // The average is complete: a rank that cannot take it is gone or frozen, and the
+            // coordinator is about to pause this membership; rank 0 still applies the step.
+            if let Err(e) = write_reply_frame(peer, id, &average, self.step_timeout) {
+                tracing::warn!("sending the average of {id} to rank {}: {e:#}", i + 1);
+            }
+        }
+        Ok(&self.average)
+    }
+}
+
+impl Drop for TcpCollective {
+    /// Closes the connections even while the abort hook holds clones of them, so the peers see
+    /// this rank leave at once.
+    fn drop(&mut self) {
+        for p in &self.peers {
+            let _ = p.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl AllReduce for TcpCollective {
+    fn submit(&mut self, step: &StepWork, shards: Vec<ShardResult>) -> Result<Option<Averaged>> {
+        let own = shards
+            .iter()
+            .map(|s| Ok((s.index, s.gradient.to_bytes()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let average = self.average(step.id.id, step.shard_count, step.global_count, &own)?;
+        Ok(Some(Averaged::Host(average.to_vec())))
+    }
+}
+
+/// Forms tcp collectives: rank 0 listens on `advertise`; the others connect to it.
+pub struct TcpFormer {
+    /// The address rank 0 advertises.
+    pub advertise: IpAddr,
+    /// Gradient length in elements.
+    pub len: usize,
+    /// How long a rank waits for a peer's frame (`cluster.step_timeout_s`).
+    pub step_timeout: Duration,
+}
+
+impl Former for TcpFormer {
+    fn form(
+        &mut self,
+        membership: u64,
+        rank: u32,
+        world: u32,
+        boot: &Bootstrap<'_>,
+    ) -> Result<Box<dyn AllReduce>> {
+        let mut collective = if rank == 0 {
+            let host = Host::bind(self.advertise, membership)?;
+            tracing::info!(
+                "rank 0 of membership {membership} listens for the other ranks on {}",
+                host.rendezvous().addr
+            );
+            boot.publish(membership, host.rendezvous().to_bytes())?;
+            host.accept(world, self.len, boot.timeout, boot.abort)?
+        } else {
+            let relayed = boot.await_relay(membership)?;
+            let rendezvous = Rendezvous::parse(&relayed)?;
+            if rendezvous.membership != membership {
+                return Err(Interrupted).context("a rendezvous of another membership");
+            }
+            TcpCollective::connect(&rendezvous, rank, world, self.len, boot.timeout, boot.abort)?
+        };
+        collective.set_step_timeout(self.step_timeout)?;
+        Ok(Box::new(collective))
+    }
+}
+
+struct Handshake {
+    rank: u32,
+    world: u32,
+    len: u64,
+    membership: u64,
+    secret: Vec<u8>,
+}
+
+fn read_handshake(stream: &mut TcpStream) -> Result<Handshake> {
+    let mut fixed = [0u8; 8 + 4 + 4 + 8 + 8 + 2];
+    stream.read_exact(&mut fixed)?;
+    if &fixed[..8] != MAGIC {
+        bail!("not a lockstep tcp handshake (or another Lockstep release)");
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_le_bytes(fixed[i..i + 8].try_into().expect("8 bytes"));
+    let secret_len = u16::from_le_bytes([fixed[32], fixed[33]]) as usize;
+    let mut secret = vec![0u8; secret_len];
+    stream.read_exact(&mut secret)?;
+    Ok(Handshake {
+        rank: u32_at(8),
+        world: u32_at(12),
+        len: u64_at(16),
+        membership: u64_at(24),
+        secret,
+    })
+}
+
+fn write_reply(stream: &mut TcpStream, message: &str) -> io::Result<()> {
+    let bytes = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
+    let mut out = (bytes.len() as u16).to_le_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    stream.write_all(&out)
+}
+
+fn read_reply(stream: &mut TcpStream) -> Result<String> {
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len)?;
+    let mut text = vec![0u8; u16::from_le_bytes(len) as usize];
+    stream.read_exact(&mut text)?;
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Header bytes before the shard indices: epoch, step, shards held, shard count.
+const HEADER: usize = 8 + 8 + 4 + 4;
+
+fn write_frame(
+    stream: &mut TcpStream,
+    id: StepId,
+    shard_count: u32,
+    shards: &[(u32, Vec<u8>)],
+    timeout: Duration,
+) -> Result<()> {
+    let io_error = |e| io_error(e, timeout);
+    let payload: usize = shards.iter().map(|(_, b)| b.len()).sum();
+    let mut header = Vec::with_capacity(HEADER + 4 * shards.len() + 8);
+    header.extend_from_slice(&id.epoch.to_le_bytes());
+    header.extend_from_slice(&id.step.to_le_bytes());
+    header.extend_from_slice(&(shards.len() as u32).to_le_bytes());
+    header.extend_from_slice(&shard_count.to_le_bytes());
+    for (s, _) in shards {
+        header.extend_from_slice(&s.to_le_bytes());
+    }
+    header.extend_from_slice(&(payload as u64).to_le_bytes());
+    stream.write_all(&header).map_err(io_error)?;
+    for (_, b) in shards {
+        stream.write_all(b).map_err(io_error)?;
+    }
+    Ok(())
+}
+
+fn write_reply_frame(
+    stream: &mut TcpStream,
+    id: StepId,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<()> {
+    let io_error = |e| io_error(e, timeout);
+    let mut header = Vec::with_capacity(HEADER + 8);
+    header.extend_from_slice(&id.epoch.to_le_bytes());
+    header.extend_from_slice(&id.step.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    stream.write_all(&header).map_err(io_error)?;
+    stream.write_all(payload).map_err(io_error)?;
+    Ok(())
+}
+
+/// What a frame holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    /// A rank's shard gradients (any number, zero included).
+    Shards,
+    /// Rank 0's average.
+    Average,
+}
+
+/// Reads one frame of step `id` into `frame`: shard gradients of `len` values each, or the
+/// average of `len` values. Every size is checked before anything is allocated.
+fn read_frame(
+    stream: &mut TcpStream,
+    id: StepId,
+    len: usize,
+    holds: Holds,
+    frame: &mut Frame,
+    timeout: Duration,
+) -> Result<()> {
+    let io_error = |e| io_error(e, timeout);
+    let mut header = [0u8; HEADER];
+    stream.read_exact(&mut header).map_err(io_error)?;
+    let u64_at = |i: usize| u64::from_le_bytes(header[i..i + 8].try_into().expect("8 bytes"));
+    let u32_at = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    let got = StepId::new(u64_at(0), u64_at(8));
+    let (k, _shard_count) = (u32_at(16), u32_at(20));
+    if got != id {
+        bail!("out of step: expected the frame of {id}, got {got}");
+    }
+    if k > MAX_SHARDS || (holds == Holds::Average && k != 0) {
+        bail!(
+            "a frame of {k} shards where {} was expected",
+            match holds {
+                Holds::Shards => "at most 1024",
+                Holds::Average => "the average",
+            }
+        );
+    }
+    let mut indices = vec![0u8; 4 * k as usize];
+    stream.read_exact(&mut indices).map_err(io_error)?;
+    frame.shards.clear();
+    frame.shards.extend(
+        indices
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+    );
+    let mut size = [0u8; 8];
+    stream.read_exact(&mut size).map_err(io_error)?;
+    let size = u64::from_le_bytes(size);
+    let expected = match holds {
+        Holds::Shards => (len * 4 * k as usize) as u64,
+        Holds::Average => (len * 4) as u64,
+    };
+    if size != expected {
+        bail!("a frame of {size} bytes, expected {expected} ({k} shard(s) of {len} values)");
+    }
+    frame.payload.resize(size as usize, 0);
+    stream.read_exact(&mut frame.payload).map_err(io_error)?;
+    Ok(())
+}
+
+/// Says what a broken connection means for the user.
+fn io_error(e: io::Error, timeout: Duration) -> anyhow::Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted => anyhow!("the other rank closed the connection ({e})"),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => anyhow!(
+            "the other rank sent nothing for {:.1}s",
+            timeout.as_secs_f64()
+        ),
+        _ => anyhow!(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host::bind("127.0.0.1".parse().unwrap(), 3).unwrap()
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn rendezvous_round_trips_and_refuses_other_forms() {
+        let h = host();
+        let back = Rendezvous::parse(&h.rendezvous().to_bytes()).unwrap();
+        assert_eq!(back.addr, h.rendezvous().addr);
+        assert_eq!(back.membership, 3);
+        assert!(back
+            .secret
+            .matches(h.rendezvous().secret.expose().as_bytes()));
+        assert!(Rendezvous::parse(&[7u8; 128]).is_err(), "an NCCL id");
+        assert!(Rendezvous::parse(b"tcp2 nowhere secret 1").is_err());
+        assert!(Rendezvous::parse(b"tcp2 127.0.0.1:1 secret").is_err());
+        assert!(Rendezvous::parse(b"tcp1 127.0.0.1:1 secret").is_err());
+    }
+
+    fn bytes(values: &[f32]) -> Vec<u8> {
+        codec::encode_f32(values)
+    }
+
+    /// Runs `world` ranks on threads; rank r contributes the shards `shards(r)`.
+    fn average(
+        world: u32,
+        shard_count: u32,
+        global: u32,
+        shards: impl Fn(u32) -> Vec<(u32, Vec<f32>)> + Sync,
+    ) -> Vec<Result<Vec<f32>>> {
+        let abort = AbortSignal::default();
+        let h = host();
+        let rv = h.rendezvous().clone();
+        let len = shards(0)[0].1.len();
+        let id = StepId::new(0, 5);
+        let run = |mut c: TcpCollective, r: u32| -> Result<Vec<f32>> {
+            let own: Vec<(u32, Vec<u8>)> = shards(r).iter().map(|(s, v)| (*s, bytes(v))).collect();
+            Ok(c.average(id, shard_count, global, &own)?.to_vec())
+        };
+        std::thread::scope(|s| {
+            let zero = s.spawn(|| run(h.accept(world, len, T, &abort)?, 0));
+            let others: Vec<_> = (1..world)
+                .map(|r| {
+                    let (rv, abort, run) = (rv.clone(), abort.clone(), &run);
+                    s.spawn(move || run(TcpCollective::connect(&rv, r, world, len, T, &abort)?, r))
+                })
+                .collect();
+            std::iter::once(zero)
+                .chain(others)
+                .map(|t| t.join().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn every_rank_gets_the_shard_order_average_whichever_rank_holds_which_shard() {
+        // Values whose sum depends on the order of addition: shard order must be used.
+        let shard = |s: u32| vec![[1e8f32, 1.0, -1e8][s as usize], s as f32, 0.5];
+        let expected = vec![((1e8f32 + 1.0) - 1e8) / 4.0, 3.0 / 4.0, 1.5 / 4.0];
+        // Three ranks with a shard each; rank 1 holding shards 0 and 2; one rank with all.
+        type Mine = fn(u32) -> Vec<u32>;
+        let layouts: [(u32, Mine); 3] = [
+            (3, |r| vec![r]),
+            (2, |r| if r == 0 { vec![1] } else { vec![0, 2] }),
+            (1, |_| vec![0, 1, 2]),
+        ];
+        for (world, mine) in layouts {
+            let results = average(world, 3, 4, |r| {
+                mine(r).into_iter().map(|s| (s, shard(s))).collect()
+            });
+            for (rank, r) in results.into_iter().enumerate() {
+                assert_eq!(r.unwrap(), expected, "world {world} rank {rank}");
+            }
+        }
+        // The coordinator's reducer gives the same bits.
+        let parts: Vec<Vec<u8>> = (0..3).map(|s| bytes(&shard(s))).collect();
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let mut out = vec![0.0; 3];
+        average_in_shard_order(&refs, 4, &mut out).unwrap();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_non_finite_shard_is_divergence_naming_its_rank_and_a_missing_shard_is_refused() {
+        let results = average(2, 2, 2, |r| {
+            vec![(r, vec![1.0, if r == 1 { f32::NAN } else { 2.0 }])]
+        });
+        let err = results[0].as_ref().unwrap_err();
+        assert!(super::super::is_diverged(err), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("shard 1 of epoch 1 step 6 from rank 1"),
+            "{err:#}"
+        );
+        assert!(results[1].is_err(), "rank 1 must not get an average");
+
+        let results = average(2, 3, 2, |r| vec![(r, vec![1.0])]);
+        let err = format!("{:#}", results[0].as_ref().unwrap_err());
+        assert!(err.contains("no rank sent shard(s) 2"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_secret_membership_or_world_is_refused_and_does_not_count() {
+        let abort = AbortSignal::default();
+        let h = host();
+        let mut wrong = h.rendezvous().clone();
+        wrong.secret = Token::new("not-the-secret").unwrap();
+        let mut stale = h.rendezvous().clone();
+        stale.membership = 2;
+        let good = h.rendezvous().clone();
+        std::thread::scope(|s| {
+            let zero = s.spawn(|| h.accept(2, 4, T, &abort));
+            let refused = |rv: &Rendezvous, world: u32| {
+                let err = TcpCollective::connect(rv, 1, world, 4, T, &abort)
+                    .err()
+                    .expect("refused");
+                format!("{err:#}")
+            };
+            assert!(refused(&wrong, 2).contains("wrong secret"));
+            assert!(refused(&stale, 2).contains("membership 2, this collective to membership 3"));
+            assert!(refused(&good, 3).contains("expects 3 ranks"));
+            let mut one = TcpCollective::connect(&good, 1, 2, 4, T, &abort).unwrap();
+            let mut zero = zero.join().unwrap().unwrap();
+            let id = StepId::new(0, 0);
+            let t = s.spawn(move || {
+                one.average(id, 2, 2, &[(1, bytes(&[1.0; 4]))])
+                    .map(|a| a.to_vec())
+            });
+            assert_eq!(
+                zero.average(id, 2, 2, &[(0, bytes(&[2.0; 4]))]).unwrap(),
+                [1.5; 4]
+            );
+            assert_eq!(t.join().unwrap().unwrap(), vec![1.5; 4]);
+        });
+    }
+
+    #[test]
+    fn a_rank_that_never_connects_times_out_naming_it_and_a_pause_stops_the_wait() {
+        let abort = AbortSignal::default();
+        let err = host()
+            .accept(3, 4, Duration::from_millis(200), &abort)
+            .err()
+            .expect("nobody connected");
+        assert!(
+            format!("{err:#}").contains("rank(s) 1, 2 did not connect"),
+            "{err:#}"
+        );
+        abort.trip();
+        let started = Instant::now();
+        let err = host().accept(2, 4, T, &abort).err().expect("paused");
+        assert!(crate::abort::is_interrupted(&err), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Ranks 0 and 1 of a two-rank collective over 4 values, connected.
+    fn pair(abort: &AbortSignal) -> (TcpCollective, TcpCollective) {
+        let h = host();
+        let rv = h.rendezvous().clone();
+        std::thread::scope(|s| {
+            let zero = s.spawn(move || h.accept(2, 4, T, abort));
+            let one = TcpCollective::connect(&rv, 1, 2, 4, T, abort).unwrap();
+            (zero.join().unwrap().unwrap(), one)
+        })
+    }
+
+    #[test]
+    fn a_rank_that_goes_away_fails_the_step_instead_of_hanging() {
+        let abort = AbortSignal::default();
+        let (mut zero, one) = pair(&abort);
+        drop(one);
+        let err = format!(
+            "{:#}",
+            zero.average(StepId::new(0, 0), 2, 2, &[(0, bytes(&[1.0; 4]))])
+                .unwrap_err()
+        );
+        assert!(err.contains("receiving rank 1's shard gradients"), "{err}");
+        assert!(err.contains("closed the connection"), "{err}");
+    }
+
+    #[test]
+    fn a_silent_rank_times_out_and_a_pause_unblocks_the_wait_at_once() {
+        let abort = AbortSignal::default();
+        let (mut zero, _one) = pair(&abort);
+        zero.set_step_timeout(Duration::from_millis(200)).unwrap();
+        let started = Instant::now();
+        let err = format!(
+            "{:#}",
+            zero.average(StepId::new(0, 0), 2, 2, &[(0, bytes(&[1.0; 4]))])
+                .unwrap_err()
+        );
+        assert!(err.contains("sent nothing for 0.2s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        let (mut zero, _one) = pair(&abort);
+        let tripper = abort.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            tripper.trip();
+        });
+        let started = Instant::now();
+        assert!(zero
+            .average(StepId::new(0, 0), 2, 2, &[(0, bytes(&[1.0; 4]))])
+            .is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the 300 s step timeout was waited out"
+        );
+        t.join().unwrap();
+    }
+}
