@@ -67,6 +67,19 @@ pub fn train_command(out: &Path) -> Command {
     cmd
 }
 
+/// `lockstep train --resume RUN` with the test data.
+pub fn resume_command(run: &Path) -> Command {
+    let mut cmd = Command::new(lockstep());
+    cmd.arg("train")
+        .arg("--resume")
+        .arg(run)
+        .env("LOCKSTEP_DATA_DIR", data_dir())
+        .env_remove("LOCKSTEP_TOKEN")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// Runs a command to completion, failing the test if it takes longer than `limit`.
 pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
     let child = cmd
@@ -201,4 +214,147 @@ pub fn worker_pid_from_log(log: &str) -> u32 {
         .next()
         .and_then(|d| d.parse().ok())
         .expect("pid number")
+}
+
+/// The process ids of `pid`'s children (Linux: from `/proc`).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: the command name may hold spaces, so read after the ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            found.push(child);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Whether process `pid` still runs (a zombie does not count).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// A `lockstep train` running in the background whose standard error is read line by line as
+/// it comes.
+pub struct Running {
+    /// The coordinator process.
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub log: Vec<String>,
+}
+
+impl Running {
+    /// Starts `cmd` with its standard error piped.
+    pub fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lockstep train");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one contains `needle` (returns it), failing the test after `limit`
+    /// or when the process ends first.
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "`{needle}` did not appear within {limit:?}; the log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to end within `limit`; returns its status and whole log.
+    pub fn finish(mut self, limit: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the job did not end within {limit:?}:\n{}",
+                    self.log.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.log.push(line);
+        }
+        (status, self.log.join("\n"))
+    }
+}
+
+/// A small deterministic generator for tests that pick "random" moments from a seed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// The SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    hex::encode(sha2::Sha256::digest(bytes))
 }

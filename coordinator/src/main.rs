@@ -126,7 +126,7 @@ struct TrainArgs {
     token_file: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its newest checkpoint; its config.toml is the default
     /// configuration, and settings that would change what is computed are refused.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with = "auto_resume")]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["auto_resume", "out"])]
     resume: Option<PathBuf>,
     /// Resume the run in --out if it holds one, else start it there (for deployments whose
     /// coordinator is restarted after a failure).
