@@ -6,19 +6,22 @@
 #   bash bench/bench.sh            # 3 runs with ../shared/data/mnist (or $LOCKSTEP_DATA_DIR)
 #   RUNS=5 bash bench/bench.sh
 #   BACKEND=tcp bash bench/bench.sh   # workers all-reduce among themselves (default: grpc)
+#   BIN=/path/to/other/build bash bench/bench.sh   # another build's lockstep + lockstep-worker
+#                                      # (to compare two versions in one sitting, interleaved)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${LOCKSTEP_DATA_DIR:-../shared/data/mnist}
 runs=${RUNS:-3}
 backend=${BACKEND:-grpc}
-cargo build --release --workspace --quiet
+bin=${BIN:-./target/release}
+[ -n "${BIN:-}" ] || cargo build --release --workspace --quiet
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "backend: $backend"
+echo "backend: $backend, binaries: $bin"
 printf '%-4s %14s %10s %12s %10s\n' run samples/s accuracy train_s wall_s
 for i in $(seq 1 "$runs"); do
   start=$(date +%s.%N)
-  ./target/release/lockstep train --preset mlp --epochs 3 --batch-size 64 --workers 2 \
+  "$bin/lockstep" train --preset mlp --epochs 3 --batch-size 64 --workers 2 \
     --backend "$backend" --data-dir "$data" --out "$work/run$i" 2>"$work/log$i" || { cat "$work/log$i"; exit 1; }
   end=$(date +%s.%N)
   python3 - "$work/run$i/summary.json" "$start" "$end" "$i" <<'PY'
