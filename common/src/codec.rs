@@ -148,8 +148,9 @@ pub fn f32_view<'a>(bytes: &'a [u8], scratch: &'a mut [f32]) -> Result<&'a [f32]
 /// an intermediate decoded copy).
 pub fn add_f32_bytes(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
     check_len(bytes, acc.len())?;
+    // `try_into` rather than indexing the chunk: the loop then vectorises.
     for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
-        *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        *a += f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"));
     }
     Ok(())
 }
@@ -173,6 +174,23 @@ pub fn check_finite(values: &[f32]) -> Result<(), CodecError> {
         return Ok(());
     }
     let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(CodecError::NonFinite(i))
+}
+
+/// [`check_finite`] of little-endian `f32` bytes, read in place at any alignment.
+pub fn check_finite_le(bytes: &[u8]) -> Result<(), CodecError> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let bits = |c: &[u8]| u32::from_le_bytes(c.try_into().expect("chunks of 4 bytes"));
+    let any = bytes.chunks_exact(4).fold(0u32, |acc, c| {
+        acc | u32::from(bits(c) & EXPONENT == EXPONENT)
+    });
+    if any == 0 {
+        return Ok(());
+    }
+    let i = bytes
+        .chunks_exact(4)
+        .position(|c| bits(c) & EXPONENT == EXPONENT)
+        .unwrap_or(0);
     Err(CodecError::NonFinite(i))
 }
 
@@ -238,6 +256,13 @@ mod tests {
             check_finite(&[1.0, f32::NAN]),
             Err(CodecError::NonFinite(1))
         );
+        let mut unaligned = vec![0u8];
+        unaligned.extend_from_slice(&encode_f32(&[1.0, 2.0, f32::INFINITY]));
+        assert_eq!(
+            check_finite_le(&unaligned[1..]),
+            Err(CodecError::NonFinite(2))
+        );
+        assert_eq!(check_finite_le(&unaligned[1..9]), Ok(()));
     }
 
     #[test]

