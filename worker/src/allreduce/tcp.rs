@@ -464,7 +464,7 @@ struct Handshake {
     secret: Vec<u8>,
 }
 
-fn read_handshake(stream: &mut TcpStream) -> Result<Handshake> {
+fn read_handshake(stream: &mut impl Read) -> Result<Handshake> {
     let mut fixed = [0u8; 8 + 4 + 4 + 8 + 8 + 2];
     stream.read_exact(&mut fixed)?;
     if &fixed[..8] != MAGIC {
@@ -484,14 +484,14 @@ fn read_handshake(stream: &mut TcpStream) -> Result<Handshake> {
     })
 }
 
-fn write_reply(stream: &mut TcpStream, message: &str) -> io::Result<()> {
+fn write_reply(stream: &mut impl Write, message: &str) -> io::Result<()> {
     let bytes = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
     let mut out = (bytes.len() as u16).to_le_bytes().to_vec();
     out.extend_from_slice(bytes);
     stream.write_all(&out)
 }
 
-fn read_reply(stream: &mut TcpStream) -> Result<String> {
+fn read_reply(stream: &mut impl Read) -> Result<String> {
     let mut len = [0u8; 2];
     stream.read_exact(&mut len)?;
     let mut text = vec![0u8; u16::from_le_bytes(len) as usize];
@@ -503,7 +503,7 @@ fn read_reply(stream: &mut TcpStream) -> Result<String> {
 const HEADER: usize = 8 + 8 + 4 + 4;
 
 fn write_frame(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     id: StepId,
     shard_count: u32,
     shards: &[(u32, Vec<u8>)],
@@ -528,7 +528,7 @@ fn write_frame(
 }
 
 fn write_reply_frame(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     id: StepId,
     payload: &[u8],
     timeout: Duration,
@@ -557,7 +557,7 @@ enum Holds {
 /// Reads one frame of step `id` into `frame`: shard gradients of `len` values each, or the
 /// average of `len` values. Every size is checked before anything is allocated.
 fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     id: StepId,
     len: usize,
     holds: Holds,
