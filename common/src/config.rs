@@ -283,6 +283,65 @@ pub struct ClusterConfig {
     pub max_workers: u32,
 }
 
+/// TLS on the coordinator's port (see the README's Security section). Paths to PEM files; all
+/// unset: plaintext.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The coordinator's certificate chain; with `key`, the port speaks only TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The coordinator's private key (readable by its owner only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Mutual TLS: workers must present a certificate signed by this CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// The CA that signed `cert`: what local workers (and `lockstep health`) trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Mutual TLS with local workers: the certificate they present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_cert: Option<PathBuf>,
+    /// Its private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the coordinator serves TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    fn is_unset(&self) -> bool {
+        *self == TlsConfig::default()
+    }
+
+    /// The keys of `[tls]`, for the unknown-key check.
+    const KEYS: [&'static str; 6] = [
+        "cert",
+        "key",
+        "client_ca",
+        "ca",
+        "worker_cert",
+        "worker_key",
+    ];
+
+    fn validate(&self) -> Result<()> {
+        if self.cert.is_some() != self.key.is_some() {
+            bail!("tls.cert and tls.key go together (the coordinator's certificate and its private key)");
+        }
+        if !self.enabled() && !self.is_unset() {
+            bail!("tls.client_ca, tls.ca, tls.worker_cert and tls.worker_key need tls.cert and tls.key");
+        }
+        if self.worker_cert.is_some() != self.worker_key.is_some() {
+            bail!("tls.worker_cert and tls.worker_key go together");
+        }
+        Ok(())
+    }
+}
+
 /// Everything that defines a training job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobConfig {
@@ -325,6 +384,9 @@ pub struct JobConfig {
     pub optimizer: OptimizerConfig,
     /// Failure detection.
     pub cluster: ClusterConfig,
+    /// TLS on the coordinator's port.
+    #[serde(default, skip_serializing_if = "TlsConfig::is_unset")]
+    pub tls: TlsConfig,
 }
 
 impl JobConfig {
@@ -403,6 +465,7 @@ impl JobConfig {
                 min_workers: 1,
                 max_workers: 0,
             },
+            tls: TlsConfig::default(),
         })
     }
 
@@ -518,6 +581,7 @@ impl JobConfig {
         if c.digest_every == 0 {
             bail!("cluster.digest_every must be at least 1");
         }
+        self.tls.validate()?;
         Ok(())
     }
 
@@ -548,7 +612,8 @@ impl JobConfig {
     /// one (model, optimizer, data, schedule, shards, seed), each as `key: run has A, now B`.
     /// Worker counts, timeouts, addresses, the number of epochs and the CPU backend may change.
     pub fn resume_conflicts(&self, resumed: &JobConfig) -> Vec<String> {
-        const FREE: [&str; 11] = [
+        const FREE: [&str; 12] = [
+            "tls",
             "preset",
             "epochs",
             "workers",
@@ -642,6 +707,9 @@ pub struct Overrides {
     pub threads: Option<u32>,
     /// `--max-restarts`
     pub max_restarts: Option<u32>,
+    /// `--tls-cert`, `--tls-key`, `--tls-client-ca`, `--tls-ca`, `--tls-worker-cert`,
+    /// `--tls-worker-key` (each set one overrides `tls.*`).
+    pub tls: TlsConfig,
 }
 
 /// Environment variables that start with `LOCKSTEP_` but are not configuration keys.
@@ -796,6 +864,19 @@ fn load_layers(
     if let Some(v) = o.max_restarts {
         builder = builder.set_override("max_restarts", v)?;
     }
+    let t = &o.tls;
+    for (key, value) in [
+        ("tls.cert", &t.cert),
+        ("tls.key", &t.key),
+        ("tls.client_ca", &t.client_ca),
+        ("tls.ca", &t.ca),
+        ("tls.worker_cert", &t.worker_cert),
+        ("tls.worker_key", &t.worker_key),
+    ] {
+        if let Some(path) = value {
+            builder = builder.set_override(key, path.display().to_string())?;
+        }
+    }
     let cfg: JobConfig = builder
         .build()
         .context("merging configuration layers")?
@@ -827,8 +908,24 @@ fn serde_plain<T: Serialize>(v: &T) -> String {
 /// `optimiser` would otherwise be silently ignored).
 fn check_known_keys(file: &toml::Table, defaults: &JobConfig) -> Result<()> {
     let known = toml::Table::try_from(defaults).context("serialising defaults")?;
-    let optional: BTreeSet<&str> = ["data_dir", "out"].into_iter().collect();
+    let optional: BTreeSet<&str> = ["data_dir", "out", "tls"].into_iter().collect();
     for (key, value) in file {
+        if key == "tls" {
+            // Every key of [tls] is optional, so the defaults do not list them.
+            let Some(inner) = value.as_table() else {
+                bail!("`tls` must be a table ([tls])");
+            };
+            if let Some(k) = inner
+                .keys()
+                .find(|k| !TlsConfig::KEYS.contains(&k.as_str()))
+            {
+                bail!(
+                    "unknown key `tls.{k}`; known keys of [tls]: {}",
+                    TlsConfig::KEYS.join(", ")
+                );
+            }
+            continue;
+        }
         match known.get(key) {
             None if optional.contains(key.as_str()) => {}
             None => bail!(

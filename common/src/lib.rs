@@ -16,6 +16,7 @@ pub mod optim;
 pub mod protocol;
 pub mod reduce;
 pub mod schedule;
+pub mod tls;
 pub mod wire;
 
 /// Logs to stderr at `RUST_LOG`'s level (default `info`), with colours only on a terminal so

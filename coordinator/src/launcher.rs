@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use lockstep_common::auth::{Token, TOKEN_ENV};
+use lockstep_common::tls::ClientTlsFiles;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -66,6 +67,8 @@ pub struct SpawnSpec {
     pub logs: Vec<PathBuf>,
     /// How many times in all a worker may be started again.
     pub max_restarts: u32,
+    /// With TLS: the CA the workers trust, and their client certificate for mutual TLS.
+    pub tls: Option<ClientTlsFiles>,
 }
 
 enum Order {
@@ -216,6 +219,11 @@ fn start(
         .arg("--rejoin-timeout")
         .arg("0")
         .env(TOKEN_ENV, spec.token.expose())
+        // The coordinator's own TLS settings are not the workers' (tls.cert is its server
+        // certificate); they get theirs as flags.
+        .env_remove("LOCKSTEP_TLS__CERT")
+        .env_remove("LOCKSTEP_TLS__KEY")
+        .env_remove("LOCKSTEP_TLS__CA")
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -224,6 +232,17 @@ fn start(
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
+    if let Some(tls) = &spec.tls {
+        for (flag, path) in [
+            ("--tls-ca", &tls.ca),
+            ("--tls-cert", &tls.cert),
+            ("--tls-key", &tls.key),
+        ] {
+            if let Some(path) = path {
+                command.arg(flag).arg(path);
+            }
+        }
+    }
     #[cfg(target_os = "linux")]
     {
         let parent = std::process::id() as libc::pid_t;

@@ -12,8 +12,10 @@
 //! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary), and reopening it.
 //! - [`progress`]: the per-epoch progress bar or log lines.
 //! - [`server`]: binds the listener and serves the service plus `grpc.health.v1`.
+//! - [`certs`]: `lockstep certs`, a CA and certificates for a quick start with TLS.
 //! - [`train`]: puts the pieces together for `lockstep train`, fresh or resumed.
 
+pub mod certs;
 pub mod engine;
 pub mod error;
 pub mod launcher;

@@ -3,6 +3,7 @@
 //! - `lockstep train`: train a model (spawning local workers by default).
 //! - `lockstep check-config`: resolve and print the effective configuration, or fail.
 //! - `lockstep health`: probe a coordinator's `grpc.health.v1` service.
+//! - `lockstep certs`: make a CA and certificates for a quick start with TLS.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use lockstep_common::config::{self, Overrides};
+use lockstep_common::tls::ClientTlsFiles;
+use lockstep_coordinator::certs;
 use lockstep_coordinator::train::{self, Workers};
 
 #[derive(Parser)]
@@ -32,10 +35,43 @@ enum Command {
     CheckConfig(ConfigArgs),
     /// Ask a coordinator whether it is serving (exit 0) or not (exit 1), via grpc.health.v1.
     Health {
-        /// The coordinator's address.
+        /// The coordinator's address (https:// or grpcs:// for TLS, with --tls-ca).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
+    /// Write a CA, a server certificate and a client certificate (PEM) for a quick start with
+    /// TLS: ca.pem, server.pem, server.key, client.pem, client.key.
+    Certs {
+        /// Folder to write them into (created; existing files are never overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Names and addresses the server certificate is valid for, comma-separated (default:
+        /// localhost, 127.0.0.1, ::1 and the coordinator's compose and Kubernetes service names).
+        #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// What a TLS client trusts and presents (`lockstep health`).
+#[derive(Args)]
+struct ClientTlsArgs {
+    /// The CA that signed the coordinator's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate, for a coordinator with mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name to check the coordinator's certificate against (default: the address's host).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Args)]
@@ -87,6 +123,25 @@ struct ConfigArgs {
     /// the running job), as `torchrun --max-restarts` (default 0).
     #[arg(long)]
     max_restarts: Option<u32>,
+    /// TLS: the coordinator's certificate chain (PEM); with --tls-key its port speaks only TLS
+    /// (tls.cert).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the coordinator's private key, readable by its owner only (tls.key).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: workers must present a certificate signed by this CA (tls.client_ca).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// TLS with local workers: the CA that signed --tls-cert, which they trust (tls.ca).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS with local workers: the certificate they present (tls.worker_cert).
+    #[arg(long, value_name = "FILE")]
+    tls_worker_cert: Option<PathBuf>,
+    /// Its private key (tls.worker_key).
+    #[arg(long, value_name = "FILE")]
+    tls_worker_key: Option<PathBuf>,
 }
 
 impl ConfigArgs {
@@ -106,6 +161,14 @@ impl ConfigArgs {
             backend: self.backend.clone(),
             threads: self.threads,
             max_restarts: self.max_restarts,
+            tls: config::TlsConfig {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+                ca: self.tls_ca.clone(),
+                worker_cert: self.tls_worker_cert.clone(),
+                worker_key: self.tls_worker_key.clone(),
+            },
         }
     }
 
@@ -207,14 +270,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", config.to_toml_string());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Health { addr } => {
-            let serving = runtime.block_on(lockstep_coordinator::server::probe_health(&addr))?;
+        Command::Health { addr, tls } => {
+            let files = ClientTlsFiles {
+                ca: tls.tls_ca,
+                cert: tls.tls_cert,
+                key: tls.tls_key,
+                server_name: tls.tls_server_name,
+            };
+            let serving =
+                runtime.block_on(lockstep_coordinator::server::probe_health(&addr, &files))?;
             println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
             Ok(if serving {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Certs { out, hosts, days } => {
+            let hosts = if hosts.is_empty() {
+                certs::DEFAULT_HOSTS.iter().map(|h| h.to_string()).collect()
+            } else {
+                hosts
+            };
+            let written = certs::generate(&out, &hosts, days)?;
+            for path in &written {
+                println!("{}", path.display());
+            }
+            let d = out.display();
+            eprintln!(
+                "server certificate for {}\n\
+                 coordinator: lockstep train --tls-cert {d}/server.pem --tls-key {d}/server.key [--tls-client-ca {d}/ca.pem]\n\
+                 \x20            (local workers: add --tls-ca {d}/ca.pem [--tls-worker-cert {d}/client.pem --tls-worker-key {d}/client.key])\n\
+                 worker:      lockstep-worker --coordinator https://HOST:50051 --tls-ca {d}/ca.pem [--tls-cert {d}/client.pem --tls-key {d}/client.key]",
+                hosts.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Binds the coordinator's listener and serves the Lockstep service (token-checked on every
-//! RPC) and the standard `grpc.health.v1` service (open, so orchestrators can probe it).
+//! RPC, and with mutual TLS certificate-checked) and the standard `grpc.health.v1` service
+//! (open, so orchestrators can probe it), in plaintext or, when configured, TLS only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lockstep_common::auth::Token;
+use lockstep_common::tls::ClientTlsFiles;
 use lockstep_common::wire::CoordinatorServer;
 use lockstep_common::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 
 use crate::service::{CoordinatorService, Shared};
 
@@ -39,13 +42,16 @@ pub async fn bind(listen: &str) -> Result<TcpListener> {
     })
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves until `shutdown` turns true; with `tls`, only TLS connections are accepted, and
+/// with `require_client_cert` every Lockstep RPC needs a verified client certificate.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     token: Token,
+    tls: Option<ServerTlsConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let require_client_cert = shared.config.tls.client_ca.is_some();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let service = CoordinatorServer::new(CoordinatorService::new(shared))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -53,13 +59,24 @@ pub async fn serve(
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
-    let checked = InterceptedService::new(service, move |req| token.server_check(req));
+    let checked = InterceptedService::new(service, move |req: tonic::Request<()>| {
+        if require_client_cert {
+            lockstep_common::tls::require_client_cert(&req)?;
+        }
+        token.server_check(req)
+    });
     // Nagle's algorithm with delayed ACKs would add tens of milliseconds to every step; the
     // builder's tcp_nodelay only applies to listeners tonic binds itself, so set it here.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(10)));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("setting up TLS on the coordinator's port")?;
+    }
+    builder
         .max_frame_size(FRAME_SIZE)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -76,12 +93,12 @@ pub async fn serve(
         .context("serving gRPC")
 }
 
-/// Asks a coordinator's `grpc.health.v1` service whether it is serving (`lockstep health`).
-pub async fn probe_health(addr: &str) -> Result<bool> {
+/// Asks a coordinator's `grpc.health.v1` service whether it is serving (`lockstep health`);
+/// `https://` (or `grpcs://`) addresses need `tls` (at least the CA).
+pub async fn probe_health(addr: &str, tls: &ClientTlsFiles) -> Result<bool> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-        .with_context(|| format!("`{addr}` is not a URL such as http://127.0.0.1:50051"))?
+    let channel = lockstep_common::tls::endpoint(addr, tls.load()?)?
         .connect_timeout(std::time::Duration::from_secs(3))
         .timeout(std::time::Duration::from_secs(3))
         .connect()

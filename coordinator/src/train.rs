@@ -19,6 +19,7 @@ use lockstep_common::mnist::Mnist;
 use lockstep_common::model::Network;
 use lockstep_common::optim::Optimizer;
 use lockstep_common::schedule;
+use lockstep_common::tls::ClientTlsFiles;
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{Engine, EpochAccount, Start};
@@ -114,6 +115,13 @@ pub async fn run(
         config.listen = EXTERNAL_LISTEN.to_string();
     }
     config.resolve();
+    // TLS files are read before anything else, so that a missing or unsafe one fails at once.
+    let tls = lockstep_common::tls::server_config(&config.tls)?;
+    let local_tls = match (&tls, &workers) {
+        (Some(_), Workers::Local) => Some(local_worker_tls(&config.tls)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let run_path = config
         .out
         .clone()
@@ -175,6 +183,7 @@ pub async fn run(
         listener,
         shared.clone(),
         token.clone(),
+        tls,
         stop_rx,
     ));
 
@@ -190,7 +199,8 @@ pub async fn run(
         };
         let spec = SpawnSpec {
             count: config.workers as usize,
-            coordinator: format!("http://127.0.0.1:{}", local_addr.port()),
+            coordinator: format!("{scheme}://127.0.0.1:{}", local_addr.port()),
+            tls: local_tls,
             token: token.clone(),
             threads,
             devices: (0..config.workers)
@@ -210,9 +220,11 @@ pub async fn run(
         Some(LocalWorkers::spawn(spec, events_tx.clone())?)
     } else if !local {
         tracing::info!(
-            "listening on {local_addr}; waiting for {} workers (lockstep-worker --coordinator http://HOST:{} with LOCKSTEP_TOKEN)",
+            "listening on {local_addr}{}; waiting for {} workers (lockstep-worker --coordinator {scheme}://HOST:{} with LOCKSTEP_TOKEN{})",
+            if scheme == "https" { " (TLS only)" } else { "" },
             config.workers,
-            local_addr.port()
+            local_addr.port(),
+            if scheme == "https" { " and --tls-ca" } else { "" }
         );
         None
     } else {
@@ -241,6 +253,31 @@ pub async fn run(
         run_path.display()
     );
     Ok(Outcome::Trained(summary))
+}
+
+/// What local workers of a TLS coordinator trust and present.
+fn local_worker_tls(tls: &lockstep_common::config::TlsConfig) -> Result<ClientTlsFiles> {
+    let Some(ca) = &tls.ca else {
+        bail!(
+            "with TLS, local workers must verify the coordinator: set tls.ca (--tls-ca) to the CA that signed \
+             tls.cert (`lockstep certs` writes it as ca.pem), and make sure the certificate names 127.0.0.1"
+        );
+    };
+    if tls.client_ca.is_some() && tls.worker_cert.is_none() {
+        bail!(
+            "with mutual TLS (tls.client_ca), local workers need a client certificate: set tls.worker_cert and \
+             tls.worker_key (--tls-worker-cert, --tls-worker-key; `lockstep certs` writes client.pem and client.key)"
+        );
+    }
+    let files = ClientTlsFiles {
+        ca: Some(ca.clone()),
+        cert: tls.worker_cert.clone(),
+        key: tls.worker_key.clone(),
+        server_name: None,
+    };
+    // Check them here, where the error reaches the user, not in a worker's log.
+    files.load()?;
+    Ok(files)
 }
 
 /// A new run starts from the seed's initial parameters.

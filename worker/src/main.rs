@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lockstep_common::auth::Token;
 use lockstep_common::config::{self, Overrides};
+use lockstep_common::tls::ClientTlsFiles;
 use lockstep_common::PROTOCOL_VERSION;
 use lockstep_worker::device::DeviceSpec;
 use lockstep_worker::run::Options;
@@ -54,6 +55,19 @@ struct Args {
     /// (default: this host's address on the route to the coordinator).
     #[arg(long, env = "LOCKSTEP_ADVERTISE_ADDR", value_name = "IP")]
     advertise_addr: Option<std::net::IpAddr>,
+    /// TLS: the CA that signed the coordinator's certificate; needs an https:// (or grpcs://)
+    /// --coordinator URL. With TLS the tcp backend's links between workers are encrypted too.
+    #[arg(long, env = "LOCKSTEP_TLS__CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this worker's certificate, signed by the coordinator's tls.client_ca.
+    #[arg(long, env = "LOCKSTEP_TLS__CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: its private key, readable by its owner only.
+    #[arg(long, env = "LOCKSTEP_TLS__KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name to check the coordinator's certificate against (default: the URL's host).
+    #[arg(long, env = "LOCKSTEP_TLS__SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Protocol version to announce; only for testing the coordinator's refusal.
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
@@ -80,6 +94,15 @@ fn run(args: Args) -> Result<()> {
     let token = Token::from_file_or_env(args.token_file.as_deref())?.context(
         "no job token: set LOCKSTEP_TOKEN (or pass --token-file) to the token the coordinator was started with",
     )?;
+    let tls = ClientTlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        server_name: args.tls_server_name.clone(),
+    }
+    .load()?;
+    // A URL that disagrees with the TLS files is refused here, not after a minute of retries.
+    lockstep_common::tls::endpoint(&args.coordinator, tls.clone())?;
     let device = DeviceSpec::parse(&args.device)?;
     if !device.supported() {
         device.open()?;
@@ -109,6 +132,7 @@ fn run(args: Args) -> Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout),
         rejoin_timeout: Duration::from_secs(args.rejoin_timeout),
         advertise: args.advertise_addr,
+        tls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

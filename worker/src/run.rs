@@ -14,6 +14,7 @@ use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::Backend;
 use lockstep_common::wire::pb;
+use tonic::transport::ClientTlsConfig;
 
 use crate::abort::AbortSignal;
 use crate::allreduce::tcp::TcpFormer;
@@ -40,6 +41,8 @@ pub struct Options {
     pub rejoin_timeout: Duration,
     /// With the tcp backend, the address the other workers reach this one at as rank 0.
     pub advertise: Option<IpAddr>,
+    /// TLS to the coordinator (the URL is https://); the tcp backend's links use TLS too.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// How one session (one admission) ended.
@@ -56,6 +59,7 @@ pub async fn run(options: Options) -> Result<()> {
         let joined = session::join(
             &options.coordinator,
             &options.token,
+            options.tls.as_ref(),
             &options.intro,
             patience,
         )
@@ -125,6 +129,7 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
                 .unwrap_or_else(|| route_to(&options.coordinator)),
             len,
             step_timeout,
+            tls: options.tls.is_some(),
         })),
         Backend::Nccl => Some(nccl_former(&device, len)?),
     };

@@ -12,7 +12,7 @@ use lockstep_common::model::Network;
 use lockstep_common::wire::{self, pb, CoordinatorClient};
 use lockstep_common::MAX_MESSAGE_BYTES;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// Attaches the job token to every request.
 #[derive(Clone)]
@@ -60,11 +60,8 @@ pub fn worker_id() -> String {
     format!("{host}/pid {}", std::process::id())
 }
 
-async fn connect(url: &str, token: &Token) -> Result<Client> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| {
-            format!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051")
-        })?
+async fn connect(url: &str, token: &Token, tls: Option<&ClientTlsConfig>) -> Result<Client> {
+    let endpoint = lockstep_common::tls::endpoint(url, tls.cloned())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .max_frame_size(1024 * 1024)
@@ -82,6 +79,7 @@ async fn connect(url: &str, token: &Token) -> Result<Client> {
 pub async fn join(
     url: &str,
     token: &Token,
+    tls: Option<&ClientTlsConfig>,
     intro: &Introduction,
     patience: Duration,
 ) -> Result<Joined> {
@@ -89,9 +87,20 @@ pub async fn join(
     let mut wait = Duration::from_millis(100);
     let (client, reply) = loop {
         let attempt = async {
-            let mut client = connect(url, token)
-                .await
-                .map_err(|e| (true, anyhow!("{e}")))?;
+            // A certificate the other side refuses, or that this side cannot verify, does not
+            // get better by retrying.
+            let mut client = connect(url, token, tls).await.map_err(|e| {
+                if is_tls_failure(&e) {
+                    let e = e.context(
+                        "the TLS handshake with the coordinator failed: is --tls-ca the CA that signed its \
+                         certificate, and does the certificate name the host in --coordinator (or \
+                         --tls-server-name)?",
+                    );
+                    (false, e)
+                } else {
+                    (true, anyhow!("{e:#}"))
+                }
+            })?;
             let request = pb::JoinRequest {
                 protocol_version: intro.protocol_version,
                 worker_id: worker_id(),
@@ -114,6 +123,23 @@ pub async fn join(
                 Err(status) if status.code() == tonic::Code::Unavailable => {
                     Err((true, anyhow!("{}", status.message())))
                 }
+                Err(status) if std::error::Error::source(&status).is_some() => {
+                    // The connection itself broke: the two ends do not speak the same
+                    // transport.
+                    let cause = std::error::Error::source(&status)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    let hint = if url.starts_with("http://") {
+                        "a coordinator that serves TLS refuses plaintext: connect with https:// and --tls-ca"
+                    } else {
+                        "a coordinator with mutual TLS refuses a client certificate its tls.client_ca did not sign \
+                         (--tls-cert, --tls-key)"
+                    };
+                    Err((
+                        false,
+                        anyhow!("the connection to the coordinator at {url} broke while joining ({cause}); {hint}"),
+                    ))
+                }
                 Err(status) => Err((
                     false,
                     anyhow!("the coordinator refused this worker: {}", status.message()),
@@ -127,8 +153,13 @@ pub async fn join(
                 if Instant::now() + wait > deadline {
                     bail!(
                         "could not reach the coordinator at {url} within {}s ({e}); check --coordinator and that \
-                         `lockstep train` is running",
-                        patience.as_secs()
+                         `lockstep train` is running{}",
+                        patience.as_secs(),
+                        if url.starts_with("http://") {
+                            " (a coordinator that serves TLS refuses plaintext: then connect with https:// and --tls-ca)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 tracing::info!("coordinator at {url} not reachable yet ({e}); retrying");
@@ -153,6 +184,24 @@ pub async fn join(
         reply,
         config,
         network,
+    })
+}
+
+/// Whether a connection failed in the TLS handshake (a certificate refused by either side).
+fn is_tls_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let mut source: Option<&dyn std::error::Error> = Some(cause);
+        while let Some(s) = source {
+            // io::Error leaves its inner error out of the source chain: look inside it.
+            let inner = s
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref());
+            if s.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+                return true;
+            }
+            source = s.source();
+        }
+        false
     })
 }
 

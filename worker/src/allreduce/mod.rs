@@ -12,6 +12,7 @@
 //! a rendezvous (tcp: an address and a secret; nccl: a unique id), the coordinator relays it to
 //! the other ranks ([`Bootstrap`]), and every rank connects.
 
+pub mod link;
 pub mod tcp;
 
 #[cfg(feature = "cuda")]

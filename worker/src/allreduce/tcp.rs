@@ -15,7 +15,9 @@
 //! Bootstrap goes through the coordinator: rank 0 listens on an ephemeral port and sends its
 //! address, a fresh secret and the membership epoch as its rendezvous; the coordinator relays
 //! it to that membership's ranks only, and rank 0 accepts only connections that present the
-//! secret, the membership, the world size and the gradient length it expects.
+//! secret, the membership, the world size and the gradient length it expects. When the job
+//! uses TLS, the links do too ([`super::link`]): the rendezvous also carries the SHA-256 of
+//! rank 0's certificate for this membership, and a rank refuses a rendezvous without one.
 //!
 //! Wire format (little-endian): a connecting rank sends `MAGIC`, its rank (u32), the world
 //! size (u32), the gradient length in elements (u64), the membership (u64) and the secret (u16
@@ -35,6 +37,7 @@ use lockstep_common::codec::{self, CodecError};
 use lockstep_common::protocol::{StepId, MAX_SHARDS};
 use lockstep_common::reduce::average_in_shard_order;
 
+use super::link::{self, HostTls, Link};
 use super::{AllReduce, Bootstrap, Diverged, Former, ShardResult, StepWork};
 use crate::abort::{AbortSignal, Interrupted};
 use crate::state::Averaged;
@@ -57,18 +60,24 @@ pub struct Rendezvous {
     pub secret: Token,
     /// The membership epoch.
     pub membership: u64,
+    /// With TLS: the SHA-256 of rank 0's certificate.
+    pub tls: Option<[u8; 32]>,
 }
 
 impl Rendezvous {
-    /// The relayed form: `tcp2 <addr> <secret> <membership>`.
+    /// The relayed form: `tcp2 <addr> <secret> <membership>[ <certificate sha256, hex>]`.
     pub fn to_bytes(&self) -> Vec<u8> {
-        format!(
+        let mut text = format!(
             "tcp2 {} {} {}",
             self.addr,
             self.secret.expose(),
             self.membership
-        )
-        .into_bytes()
+        );
+        if let Some(fingerprint) = &self.tls {
+            text.push(' ');
+            text.push_str(&hex::encode(fingerprint));
+        }
+        text.into_bytes()
     }
 
     /// Parses the relayed form.
@@ -76,7 +85,7 @@ impl Rendezvous {
         let text = std::str::from_utf8(bytes).context("the tcp rendezvous is not UTF-8")?;
         let parts: Vec<&str> = text.split(' ').collect();
         match parts.as_slice() {
-            ["tcp2", addr, secret, membership] => Ok(Self {
+            ["tcp2", addr, secret, membership, tls @ ..] if tls.len() <= 1 => Ok(Self {
                 addr: addr
                     .parse()
                     .with_context(|| format!("the tcp rendezvous address `{addr}`"))?,
@@ -84,6 +93,15 @@ impl Rendezvous {
                 membership: membership
                     .parse()
                     .with_context(|| format!("the tcp rendezvous membership `{membership}`"))?,
+                tls: match tls.first() {
+                    None => None,
+                    Some(hex) => Some(
+                        hex::decode(hex)
+                            .ok()
+                            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                            .context("the tcp rendezvous certificate digest is not 64 hex digits")?,
+                    ),
+                },
             }),
             _ => bail!(
                 "the relayed rendezvous is not a tcp one (was the job started with another backend?)"
@@ -96,21 +114,26 @@ impl Rendezvous {
 pub struct Host {
     listener: TcpListener,
     rendezvous: Rendezvous,
+    tls: Option<HostTls>,
 }
 
 impl Host {
-    /// Listens on an ephemeral port of `ip`, the address the other ranks will connect to.
-    pub fn bind(ip: IpAddr, membership: u64) -> Result<Self> {
+    /// Listens on an ephemeral port of `ip`, the address the other ranks will connect to;
+    /// with `tls`, only TLS connections with this membership's fresh certificate are taken.
+    pub fn bind(ip: IpAddr, membership: u64, tls: bool) -> Result<Self> {
         let listener = TcpListener::bind((ip, 0))
             .with_context(|| format!("listening for the other ranks on {ip}"))?;
         let addr = listener.local_addr()?;
+        let tls = tls.then(HostTls::generate).transpose()?;
         Ok(Self {
             listener,
             rendezvous: Rendezvous {
                 addr,
                 secret: Token::generate(),
                 membership,
+                tls: tls.as_ref().map(|t| t.fingerprint),
             },
+            tls,
         })
     }
 
@@ -130,10 +153,10 @@ impl Host {
     ) -> Result<TcpCollective> {
         let deadline = Instant::now() + timeout;
         self.listener.set_nonblocking(true)?;
-        let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+        let mut peers: Vec<Option<Link>> = (1..world).map(|_| None).collect();
         while peers.iter().any(Option::is_none) {
             abort.check()?;
-            let (mut stream, from) = match self.listener.accept() {
+            let (stream, from) = match self.listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if Instant::now() > deadline {
@@ -158,6 +181,22 @@ impl Host {
             };
             stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+            stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+            let mut stream = match &self.tls {
+                Some(_) if !link::starts_tls(&stream) => {
+                    // Told in plaintext, which is what it speaks.
+                    tracing::warn!(
+                        "refused a plaintext connection from {from}: this collective uses TLS"
+                    );
+                    let _ = write_reply(
+                        &mut Link::Plain(stream),
+                        "this collective uses TLS, the connection was plaintext",
+                    );
+                    continue;
+                }
+                Some(tls) => tls.accept(stream)?,
+                None => Link::Plain(stream),
+            };
             let verdict = match read_handshake(&mut stream) {
                 Ok(h) => {
                     let slot = (h.rank as usize).checked_sub(1).and_then(|i| peers.get(i));
@@ -204,7 +243,7 @@ impl Host {
 pub struct TcpCollective {
     rank: u32,
     /// Rank 0: the connections of ranks 1.. in rank order. Other ranks: the one to rank 0.
-    peers: Vec<TcpStream>,
+    peers: Vec<Link>,
     /// Gradient length in elements.
     len: usize,
     step_timeout: Duration,
@@ -234,7 +273,7 @@ impl TcpCollective {
             bail!("rank {rank} of {world} cannot connect to rank 0");
         }
         let deadline = Instant::now() + timeout;
-        let mut stream = loop {
+        let stream = loop {
             abort.check()?;
             match TcpStream::connect_timeout(&rendezvous.addr, Duration::from_secs(5)) {
                 Ok(s) => break s,
@@ -255,6 +294,11 @@ impl TcpCollective {
             }
         };
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let mut stream = match rendezvous.tls {
+            Some(fingerprint) => link::connect_pinned(stream, fingerprint)?,
+            None => Link::Plain(stream),
+        };
         let secret = rendezvous.secret.expose().as_bytes();
         let mut hello = Vec::with_capacity(40 + secret.len());
         hello.extend_from_slice(MAGIC);
@@ -266,6 +310,7 @@ impl TcpCollective {
         hello.extend_from_slice(secret);
         stream
             .write_all(&hello)
+            .and_then(|()| stream.flush())
             .context("sending the handshake to rank 0")?;
         let reply = read_reply(&mut stream).context("reading rank 0's answer to the handshake")?;
         if !reply.is_empty() {
@@ -274,11 +319,11 @@ impl TcpCollective {
         Self::new(rank, vec![stream], len, abort)
     }
 
-    fn new(rank: u32, peers: Vec<TcpStream>, len: usize, abort: &AbortSignal) -> Result<Self> {
+    fn new(rank: u32, peers: Vec<Link>, len: usize, abort: &AbortSignal) -> Result<Self> {
         let mut clones = Vec::with_capacity(peers.len());
         for p in &peers {
-            p.set_nodelay(true)?;
-            clones.push(p.try_clone()?);
+            p.socket().set_nodelay(true)?;
+            clones.push(p.socket().try_clone()?);
         }
         // A pause or the job's end unblocks a rank waiting on a peer that will never answer.
         abort.on_trip(move || {
@@ -303,8 +348,8 @@ impl TcpCollective {
     pub fn set_step_timeout(&mut self, timeout: Duration) -> Result<()> {
         let timeout = timeout.max(Duration::from_millis(1));
         for p in &self.peers {
-            p.set_read_timeout(Some(timeout))?;
-            p.set_write_timeout(Some(timeout))?;
+            p.socket().set_read_timeout(Some(timeout))?;
+            p.socket().set_write_timeout(Some(timeout))?;
         }
         self.step_timeout = timeout;
         Ok(())
@@ -401,7 +446,7 @@ impl Drop for TcpCollective {
     /// this rank leave at once.
     fn drop(&mut self) {
         for p in &self.peers {
-            let _ = p.shutdown(Shutdown::Both);
+            let _ = p.socket().shutdown(Shutdown::Both);
         }
     }
 }
@@ -425,6 +470,8 @@ pub struct TcpFormer {
     pub len: usize,
     /// How long a rank waits for a peer's frame (`cluster.step_timeout_s`).
     pub step_timeout: Duration,
+    /// Whether the job uses TLS: then the links do too, and a plaintext rendezvous is refused.
+    pub tls: bool,
 }
 
 impl Former for TcpFormer {
@@ -436,10 +483,11 @@ impl Former for TcpFormer {
         boot: &Bootstrap<'_>,
     ) -> Result<Box<dyn AllReduce>> {
         let mut collective = if rank == 0 {
-            let host = Host::bind(self.advertise, membership)?;
+            let host = Host::bind(self.advertise, membership, self.tls)?;
             tracing::info!(
-                "rank 0 of membership {membership} listens for the other ranks on {}",
-                host.rendezvous().addr
+                "rank 0 of membership {membership} listens for the other ranks on {}{}",
+                host.rendezvous().addr,
+                if self.tls { " (TLS)" } else { "" }
             );
             boot.publish(membership, host.rendezvous().to_bytes())?;
             host.accept(world, self.len, boot.timeout, boot.abort)?
@@ -448,6 +496,12 @@ impl Former for TcpFormer {
             let rendezvous = Rendezvous::parse(&relayed)?;
             if rendezvous.membership != membership {
                 return Err(Interrupted).context("a rendezvous of another membership");
+            }
+            if self.tls && rendezvous.tls.is_none() {
+                bail!(
+                    "rank 0 of membership {membership} offered a plaintext link, but this job uses TLS (is rank 0 \
+                     an older release?)"
+                );
             }
             TcpCollective::connect(&rendezvous, rank, world, self.len, boot.timeout, boot.abort)?
         };
@@ -488,7 +542,8 @@ fn write_reply(stream: &mut impl Write, message: &str) -> io::Result<()> {
     let bytes = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
     let mut out = (bytes.len() as u16).to_le_bytes().to_vec();
     out.extend_from_slice(bytes);
-    stream.write_all(&out)
+    stream.write_all(&out)?;
+    stream.flush()
 }
 
 fn read_reply(stream: &mut impl Read) -> Result<String> {
@@ -524,6 +579,7 @@ fn write_frame(
     for (_, b) in shards {
         stream.write_all(b).map_err(io_error)?;
     }
+    stream.flush().map_err(io_error)?;
     Ok(())
 }
 
@@ -542,6 +598,7 @@ fn write_reply_frame(
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     stream.write_all(&header).map_err(io_error)?;
     stream.write_all(payload).map_err(io_error)?;
+    stream.flush().map_err(io_error)?;
     Ok(())
 }
 
@@ -625,8 +682,12 @@ fn io_error(e: io::Error, timeout: Duration) -> anyhow::Error {
 mod tests {
     use super::*;
 
+    fn host_with(tls: bool) -> Host {
+        Host::bind("127.0.0.1".parse().unwrap(), 3, tls).unwrap()
+    }
+
     fn host() -> Host {
-        Host::bind("127.0.0.1".parse().unwrap(), 3).unwrap()
+        host_with(false)
     }
 
     const T: Duration = Duration::from_secs(10);
@@ -644,6 +705,13 @@ mod tests {
         assert!(Rendezvous::parse(b"tcp2 nowhere secret 1").is_err());
         assert!(Rendezvous::parse(b"tcp2 127.0.0.1:1 secret").is_err());
         assert!(Rendezvous::parse(b"tcp1 127.0.0.1:1 secret").is_err());
+
+        let h = host_with(true);
+        let back = Rendezvous::parse(&h.rendezvous().to_bytes()).unwrap();
+        assert_eq!(back.tls, h.rendezvous().tls);
+        assert!(back.tls.is_some());
+        assert!(Rendezvous::parse(b"tcp2 127.0.0.1:1 secret 1 abc").is_err());
+        assert!(Rendezvous::parse(b"tcp2 127.0.0.1:1 secret 1 a b").is_err());
     }
 
     fn bytes(values: &[f32]) -> Vec<u8> {
@@ -657,8 +725,19 @@ mod tests {
         global: u32,
         shards: impl Fn(u32) -> Vec<(u32, Vec<f32>)> + Sync,
     ) -> Vec<Result<Vec<f32>>> {
+        average_with(false, world, shard_count, global, shards)
+    }
+
+    /// [`average`], over TLS links when `tls`.
+    fn average_with(
+        tls: bool,
+        world: u32,
+        shard_count: u32,
+        global: u32,
+        shards: impl Fn(u32) -> Vec<(u32, Vec<f32>)> + Sync,
+    ) -> Vec<Result<Vec<f32>>> {
         let abort = AbortSignal::default();
-        let h = host();
+        let h = host_with(tls);
         let rv = h.rendezvous().clone();
         let len = shards(0)[0].1.len();
         let id = StepId::new(0, 5);
@@ -693,12 +772,14 @@ mod tests {
             (2, |r| if r == 0 { vec![1] } else { vec![0, 2] }),
             (1, |_| vec![0, 1, 2]),
         ];
-        for (world, mine) in layouts {
-            let results = average(world, 3, 4, |r| {
-                mine(r).into_iter().map(|s| (s, shard(s))).collect()
-            });
-            for (rank, r) in results.into_iter().enumerate() {
-                assert_eq!(r.unwrap(), expected, "world {world} rank {rank}");
+        for tls in [false, true] {
+            for (world, mine) in layouts {
+                let results = average_with(tls, world, 3, 4, |r| {
+                    mine(r).into_iter().map(|s| (s, shard(s))).collect()
+                });
+                for (rank, r) in results.into_iter().enumerate() {
+                    assert_eq!(r.unwrap(), expected, "tls {tls}, world {world} rank {rank}");
+                }
             }
         }
         // The coordinator's reducer gives the same bits.
@@ -729,8 +810,14 @@ mod tests {
 
     #[test]
     fn a_wrong_secret_membership_or_world_is_refused_and_does_not_count() {
+        for tls in [false, true] {
+            wrong_connections_are_refused(tls);
+        }
+    }
+
+    fn wrong_connections_are_refused(tls: bool) {
         let abort = AbortSignal::default();
-        let h = host();
+        let h = host_with(tls);
         let mut wrong = h.rendezvous().clone();
         wrong.secret = Token::new("not-the-secret").unwrap();
         let mut stale = h.rendezvous().clone();
@@ -780,9 +867,51 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
-    /// Ranks 0 and 1 of a two-rank collective over 4 values, connected.
-    fn pair(abort: &AbortSignal) -> (TcpCollective, TcpCollective) {
-        let h = host();
+    #[test]
+    fn a_tls_rank_0_refuses_plaintext_and_a_rank_refuses_another_certificate() {
+        let abort = AbortSignal::default();
+        let h = host_with(true);
+        let good = h.rendezvous().clone();
+        let mut plaintext = good.clone();
+        plaintext.tls = None;
+        let mut impostor = good.clone();
+        impostor.tls = Some([7; 32]);
+        std::thread::scope(|s| {
+            let zero = s.spawn(|| h.accept(2, 4, T, &abort));
+            let err = TcpCollective::connect(&plaintext, 1, 2, 4, T, &abort)
+                .err()
+                .expect("a plaintext rank is refused");
+
+            assert!(
+                format!("{err:#}").contains("this collective uses TLS"),
+                "plaintext against TLS: {err:#}"
+            );
+            let err = format!(
+                "{:#}",
+                TcpCollective::connect(&impostor, 1, 2, 4, T, &abort)
+                    .err()
+                    .expect("another certificate is refused")
+            );
+            assert!(err.contains("the rendezvous announced 0707"), "{err}");
+            // Neither attempt took rank 1's place.
+            let mut one = TcpCollective::connect(&good, 1, 2, 4, T, &abort).unwrap();
+            let mut zero = zero.join().unwrap().unwrap();
+            let id = StepId::new(0, 0);
+            let t = s.spawn(move || {
+                one.average(id, 2, 2, &[(1, bytes(&[4.0; 4]))])
+                    .map(|a| a.to_vec())
+            });
+            assert_eq!(
+                zero.average(id, 2, 2, &[(0, bytes(&[2.0; 4]))]).unwrap(),
+                [3.0; 4]
+            );
+            assert_eq!(t.join().unwrap().unwrap(), vec![3.0; 4]);
+        });
+    }
+
+    /// Ranks 0 and 1 of a two-rank collective over 4 values, connected, over TLS when `tls`.
+    fn pair_with(abort: &AbortSignal, tls: bool) -> (TcpCollective, TcpCollective) {
+        let h = host_with(tls);
         let rv = h.rendezvous().clone();
         std::thread::scope(|s| {
             let zero = s.spawn(move || h.accept(2, 4, T, abort));
@@ -793,8 +922,14 @@ mod tests {
 
     #[test]
     fn a_rank_that_goes_away_fails_the_step_instead_of_hanging() {
+        for tls in [false, true] {
+            rank_goes_away(tls);
+        }
+    }
+
+    fn rank_goes_away(tls: bool) {
         let abort = AbortSignal::default();
-        let (mut zero, one) = pair(&abort);
+        let (mut zero, one) = pair_with(&abort, tls);
         drop(one);
         let err = format!(
             "{:#}",
@@ -807,8 +942,14 @@ mod tests {
 
     #[test]
     fn a_silent_rank_times_out_and_a_pause_unblocks_the_wait_at_once() {
+        for tls in [false, true] {
+            silent_rank(tls);
+        }
+    }
+
+    fn silent_rank(tls: bool) {
         let abort = AbortSignal::default();
-        let (mut zero, _one) = pair(&abort);
+        let (mut zero, _one) = pair_with(&abort, tls);
         zero.set_step_timeout(Duration::from_millis(200)).unwrap();
         let started = Instant::now();
         let err = format!(
@@ -819,7 +960,7 @@ mod tests {
         assert!(err.contains("sent nothing for 0.2s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
 
-        let (mut zero, _one) = pair(&abort);
+        let (mut zero, _one) = pair_with(&abort, tls);
         let tripper = abort.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
