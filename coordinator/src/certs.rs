@@ -38,6 +38,9 @@ pub fn generate(out: &Path, hosts: &[String], days: u32) -> Result<Vec<PathBuf>>
     if hosts.is_empty() {
         bail!("--hosts needs at least one name or address for the server certificate");
     }
+    if let Some(bad) = hosts.iter().find(|h| !valid_host(h)) {
+        bail!("--hosts: `{bad}` is neither an IP address nor a DNS name");
+    }
     if !(1..=3650).contains(&days) {
         bail!("--days must be between 1 and 3650, got {days}");
     }
@@ -96,6 +99,24 @@ pub fn generate(out: &Path, hosts: &[String], days: u32) -> Result<Vec<PathBuf>>
         write_new(path, text.as_bytes(), private)?;
     }
     Ok(paths)
+}
+
+/// An IP address, or a DNS name of letters, digits and hyphens between dots (a leading `*.`
+/// for a wildcard).
+fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn time_now() -> std::time::SystemTime {
