@@ -47,7 +47,7 @@ ID="lockstep-ci-$$-$(date +%s)"
 IMAGE="$ID:test"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/$ID.XXXXXX")
 # Compose projects (one per check; the checks run in subshells, so they are named up front).
-PROJECTS=("$ID-train-grpc" "$ID-train-tcp" "$ID-kill" "$ID-freeze" "$ID-resume")
+PROJECTS=("$ID-train-grpc" "$ID-train-tcp" "$ID-train-tcp-tls" "$ID-kill" "$ID-freeze" "$ID-resume")
 PASSED=0
 FAILED=0
 START=$(date +%s)
@@ -174,20 +174,37 @@ container_of() {
 # (b) One epoch of mlp with 2 workers through docker compose, >= 95% test accuracy, with the
 # given backend (grpc; tcp: the workers connect to each other across containers).
 test_compose_train() {
-  local backend=$1 project=$ID-train-$1 runs rc
-  runs=$(new_runs_dir "train-$backend")
-  log "compose-train ($backend): project $project, runs in $runs"
+  local backend=$1 tls=${2:-} name=$1${2:+-$2} project runs rc files
+  project=$ID-train-$name
+  runs=$(new_runs_dir "train-$name")
+  files=(-f "$REPO/deploy/docker-compose.yml")
+  if [ "$tls" = tls ]; then
+    # Mutual TLS from the override, with certificates from `lockstep certs` as its secrets,
+    # readable by the containers' user only.
+    "$BIN_DIR/lockstep" certs --out "$WORK/tls-$name" >/dev/null 2>&1
+    [ "$(id -u)" -ne 0 ] || chown -R 10001:10001 "$WORK/tls-$name"
+    files+=(-f "$REPO/deploy/docker-compose.tls.yml")
+  fi
+  log "compose-train ($name): project $project, runs in $runs"
   set +e
-  LOCKSTEP_BACKEND=$backend LOCKSTEP_RUNS=$runs timeout "$TRAIN_DEADLINE_S" "${COMPOSE[@]}" -p "$project" -f "$REPO/deploy/docker-compose.yml" \
-    up --scale worker=2 --exit-code-from coordinator --no-color >"$WORK/train-$backend.log" 2>&1
+  LOCKSTEP_TLS_DIR=$WORK/tls-$name LOCKSTEP_BACKEND=$backend LOCKSTEP_RUNS=$runs timeout "$TRAIN_DEADLINE_S" \
+    "${COMPOSE[@]}" -p "$project" "${files[@]}" \
+    up --scale worker=2 --exit-code-from coordinator --no-color >"$WORK/train-$name.log" 2>&1
   rc=$?
   set -e
   if [ "$rc" -ne 0 ]; then
-    tail -n 40 "$WORK/train-$backend.log"
+    tail -n 40 "$WORK/train-$name.log"
     echo "docker compose up exited $rc"
     return 1
   fi
-  grep -E '^coordinator.*(done|accuracy)' "$WORK/train-$backend.log" | tail -n 2 | plain || true
+  grep -E '^coordinator.*(done|accuracy)' "$WORK/train-$name.log" | tail -n 2 | plain || true
+  if [ "$tls" = tls ]; then
+    grep -F '(TLS only)' "$WORK/train-$name.log" | plain
+    grep -F 'listens for the other ranks' "$WORK/train-$name.log" | grep -F '(TLS)' | head -n 1 | plain
+    grep -F '(TLS only)' "$WORK/train-$name.log" >/dev/null || { echo "the coordinator did not serve TLS"; return 1; }
+    grep -F 'listens for the other ranks' "$WORK/train-$name.log" | grep -F '(TLS)' >/dev/null ||
+      { echo "the workers' tcp links were not TLS"; return 1; }
+  fi
   python3 - "$runs" "${LOCKSTEP_USER:-10001}" "$backend" <<'PY'
 import glob, json, os, sys
 runs, user, backend = sys.argv[1], int(sys.argv[2].split(":")[0]), sys.argv[3]
@@ -566,6 +583,7 @@ needs_image() {
 run_check image-assembly build_test_image
 run_check compose-train needs_image test_compose_train grpc
 run_check compose-train-tcp needs_image test_compose_train tcp
+run_check compose-train-tls needs_image test_compose_train tcp tls
 run_check compose-kill needs_image test_compose_fault kill
 run_check compose-freeze needs_image test_compose_fault freeze
 run_check compose-resume needs_image test_compose_fault resume
