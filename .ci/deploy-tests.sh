@@ -380,13 +380,16 @@ CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole"
 # Strategic-merge keys of the lists deploy/k8s patches; other lists are replaced.
 MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
               "volumeMounts": "mountPath", "ports": "containerPort"}
-KNOWN = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
+KNOWN = {"apiVersion", "kind", "resources", "namespace", "images", "patches", "components"}
 
 def merge(base, patch, key=None):
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
-            out[k] = merge(base[k], v, k) if k in base else v
+            if v is None:
+                out.pop(k, None)  # `key: null` deletes the key, as in kustomize
+            else:
+                out[k] = merge(base[k], v, k) if k in base else v
         return out
     if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
         mk = MERGE_KEYS[key]
@@ -405,6 +408,17 @@ def containers(doc):
     spec = spec.get("template", {}).get("spec", spec)
     return spec.get("containers", []) + spec.get("initContainers", [])
 
+def patch(docs, directory, kust):
+    for p in kust.get("patches", []):
+        assert set(p) == {"path"}, f"{directory}: only `patches: - path:` is supported, got {p}"
+        for patch in yaml.safe_load_all(open(os.path.join(directory, p["path"]))):
+            hits = [i for i, d in enumerate(docs) if d["kind"] == patch["kind"]
+                    and d["metadata"]["name"] == patch["metadata"]["name"]]
+            assert len(hits) == 1, (f"{directory}/{p['path']}: patch for {patch['kind']} "
+                                    f"{patch['metadata']['name']} matches {len(hits)} resources")
+            docs[hits[0]] = merge(docs[hits[0]], patch)
+    return docs
+
 def render(directory):
     kust = yaml.safe_load(open(os.path.join(directory, "kustomization.yaml")))
     unknown = set(kust) - KNOWN
@@ -417,14 +431,17 @@ def render(directory):
             docs += render(path)
         else:
             docs += [d for d in yaml.safe_load_all(open(path)) if d]
-    for p in kust.get("patches", []):
-        assert set(p) == {"path"}, f"{directory}: only `patches: - path:` is supported, got {p}"
-        for patch in yaml.safe_load_all(open(os.path.join(directory, p["path"]))):
-            hits = [i for i, d in enumerate(docs) if d["kind"] == patch["kind"]
-                    and d["metadata"]["name"] == patch["metadata"]["name"]]
-            assert len(hits) == 1, (f"{directory}/{p['path']}: patch for {patch['kind']} "
-                                    f"{patch['metadata']['name']} matches {len(hits)} resources")
-            docs[hits[0]] = merge(docs[hits[0]], patch)
+    docs = patch(docs, directory, kust)
+    # A Component's resources and patches apply to what the kustomization built so far.
+    for c in kust.get("components", []):
+        cdir = os.path.normpath(os.path.join(directory, c))
+        comp = yaml.safe_load(open(os.path.join(cdir, "kustomization.yaml")))
+        assert comp.get("kind") == "Component", f"{cdir} is not a kustomize Component"
+        unknown = set(comp) - {"apiVersion", "kind", "resources", "patches"}
+        assert not unknown, f"{cdir}/kustomization.yaml: keys this renderer does not know: {unknown}"
+        for r in comp.get("resources", []):
+            docs += [d for d in yaml.safe_load_all(open(os.path.join(cdir, r))) if d]
+        docs = patch(docs, cdir, comp)
     if "namespace" in kust:
         for d in docs:
             if d["kind"] not in CLUSTER_SCOPED:
@@ -469,14 +486,20 @@ test_k8s_validate() {
   mkdir -p "$WORK/k8s"
   # A user's overlay as deploy/README.md shows it: registry images and a real token on top of
   # an overlay; the coordinator and the workers must end up with the right images.
-  local flavour target render kustomize=no
-  for flavour in cpu gpu; do
+  local flavour target render kustomize=no base components
+  for flavour in cpu gpu gpu-tls; do
     mkdir -p "$WORK/k8s/my-job-$flavour"
+    base=${flavour%-tls}
+    components=()
+    if [ "$flavour" != "$base" ]; then
+      components=('components:' "  - $(realpath --relative-to="$WORK/k8s/my-job-$flavour" "$REPO/deploy/k8s/components/tls")")
+    fi
     printf '%s\n' \
       'apiVersion: kustomize.config.k8s.io/v1beta1' \
       'kind: Kustomization' \
       'resources:' \
-      "  - $(realpath --relative-to="$WORK/k8s/my-job-$flavour" "$REPO/deploy/k8s/overlays/$flavour")" \
+      "  - $(realpath --relative-to="$WORK/k8s/my-job-$flavour" "$REPO/deploy/k8s/overlays/$base")" \
+      "${components[@]}" \
       'patches:' \
       '  - path: token.yaml' \
       'images:' \
@@ -493,7 +516,7 @@ test_k8s_validate() {
     kustomize=yes
   fi
   for target in deploy/k8s/base deploy/k8s/overlays/cpu deploy/k8s/overlays/gpu \
-    "$WORK/k8s/my-job-cpu" "$WORK/k8s/my-job-gpu"; do
+    "$WORK/k8s/my-job-cpu" "$WORK/k8s/my-job-gpu" "$WORK/k8s/my-job-gpu-tls"; do
     render=$WORK/k8s/$(basename "$target").yaml
     "$venv/bin/python" "$WORK/k8s-render.py" "$target" >"$render"
     if [ "$kustomize" = yes ]; then
@@ -522,10 +545,28 @@ image, command, resources = gpu["lockstep-worker"]
 assert image == "registry.example.com/lockstep-cuda:0.1.0", image
 assert command[-2:] == ["--device", "cuda:0"], command
 assert resources["limits"]["nvidia.com/gpu"] == 1, resources
-for flavour in ("cpu", "gpu"):
+for flavour in ("cpu", "gpu", "gpu-tls"):
     secrets = [d for d in yaml.safe_load_all(open(f"{k}/my-job-{flavour}.yaml")) if d and d["kind"] == "Secret"]
     assert secrets[0]["stringData"]["token"].startswith("ci-"), "the token patch did not apply"
-print("  user overlays: images, GPU worker flags and the token patch land where they should")
+def pod(path, name):
+    return next(d for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "Job"
+                and d["metadata"]["name"] == name)["spec"]["template"]["spec"]
+env = lambda c: {e["name"]: e.get("value") for e in c.get("env", [])}
+plain = pod(f"{k}/my-job-gpu.yaml", "lockstep-worker")["containers"][0]
+assert env(plain)["LOCKSTEP_COORDINATOR"] == "http://lockstep-coordinator:50051", env(plain)
+tls_worker = pod(f"{k}/my-job-gpu-tls.yaml", "lockstep-worker")
+c = tls_worker["containers"][0]
+assert env(c)["LOCKSTEP_COORDINATOR"] == "https://lockstep-coordinator:50051", env(c)
+assert env(c)["LOCKSTEP_TLS__KEY"] == "/etc/lockstep-tls/tls.key", env(c)
+assert c["command"][-2:] == ["--device", "cuda:0"], "the TLS component must keep the GPU flags"
+assert tls_worker["securityContext"]["fsGroup"] == 10001, tls_worker["securityContext"]
+coord = pod(f"{k}/my-job-gpu-tls.yaml", "lockstep-coordinator")
+c = coord["containers"][0]
+assert env(c)["LOCKSTEP_TLS__CLIENT_CA"] == "/etc/lockstep-tls/ca.crt", env(c)
+for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert "grpc" not in c[probe] and "--tls-ca" in c[probe]["exec"]["command"], c[probe]
+assert {v["name"] for v in coord["volumes"]} >= {"tls", "config", "data"}, coord["volumes"]
+print("  user overlays: images, GPU worker flags, the token patch and the TLS component land where they should")
 PY
 }
 
