@@ -6,6 +6,7 @@
 #   bash bench/bench.sh            # 3 runs with ../shared/data/mnist (or $LOCKSTEP_DATA_DIR)
 #   RUNS=5 bash bench/bench.sh
 #   BACKEND=tcp bash bench/bench.sh   # workers all-reduce among themselves (default: grpc)
+#   TLS=1 bash bench/bench.sh       # the job over TLS (certificates from `lockstep certs`)
 #   BIN=/path/to/other/build bash bench/bench.sh   # another build's lockstep + lockstep-worker
 #                                      # (to compare two versions in one sitting, interleaved)
 set -euo pipefail
@@ -17,12 +18,17 @@ bin=${BIN:-./target/release}
 [ -n "${BIN:-}" ] || cargo build --release --workspace --quiet
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "backend: $backend, binaries: $bin"
+tls=()
+if [ -n "${TLS:-}" ]; then
+  "$bin/lockstep" certs --out "$work/tls" >/dev/null 2>&1
+  tls=(--tls-cert "$work/tls/server.pem" --tls-key "$work/tls/server.key" --tls-ca "$work/tls/ca.pem")
+fi
+echo "backend: $backend, binaries: $bin${TLS:+, TLS}"
 printf '%-4s %14s %10s %12s %10s\n' run samples/s accuracy train_s wall_s
 for i in $(seq 1 "$runs"); do
   start=$(date +%s.%N)
   "$bin/lockstep" train --preset mlp --epochs 3 --batch-size 64 --workers 2 \
-    --backend "$backend" --data-dir "$data" --out "$work/run$i" 2>"$work/log$i" || { cat "$work/log$i"; exit 1; }
+    --backend "$backend" --data-dir "$data" --out "$work/run$i" "${tls[@]}" 2>"$work/log$i" || { cat "$work/log$i"; exit 1; }
   end=$(date +%s.%N)
   python3 - "$work/run$i/summary.json" "$start" "$end" "$i" <<'PY'
 import json, sys

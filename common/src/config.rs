@@ -1159,4 +1159,54 @@ mod tests {
         b.model.hidden = vec![100, 101];
         assert_ne!(a.model_fingerprint(), b.model_fingerprint());
     }
+
+    #[test]
+    fn tls_files_layer_like_every_setting_and_must_come_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[tls]\ncert = \"file.pem\"\nkey = \"file.key\"\n").unwrap();
+        let env = env(&[
+            ("LOCKSTEP_TLS__KEY", "env.key"),
+            ("LOCKSTEP_TLS__CA", "ca.pem"),
+        ]);
+        let flags = Overrides {
+            tls: TlsConfig {
+                cert: Some("flag.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cfg = load_with_env(Some(&file), &flags, &env).unwrap();
+        assert_eq!(cfg.tls.cert.as_deref(), Some(Path::new("flag.pem")));
+        assert_eq!(cfg.tls.key.as_deref(), Some(Path::new("env.key")));
+        assert_eq!(cfg.tls.ca.as_deref(), Some(Path::new("ca.pem")));
+        assert!(cfg.tls.enabled());
+        // Saved and sent as it was resolved; no [tls] at all without TLS.
+        assert_eq!(
+            JobConfig::from_toml_str(&cfg.to_toml_string()).unwrap(),
+            cfg
+        );
+        let plain = load_with_env(None, &Overrides::default(), &[]).unwrap();
+        assert!(!plain.to_toml_string().contains("[tls]"));
+        // A resume may turn TLS on or off: it does not change what is computed.
+        assert!(plain.resume_conflicts(&cfg).is_empty());
+
+        let half = env_pairs_error(&[("LOCKSTEP_TLS__CERT", "x.pem")]);
+        assert!(half.contains("tls.cert and tls.key go together"), "{half}");
+        let orphan = env_pairs_error(&[("LOCKSTEP_TLS__CLIENT_CA", "ca.pem")]);
+        assert!(orphan.contains("need tls.cert and tls.key"), "{orphan}");
+        std::fs::write(&file, "[tls]\ncertificate = \"x\"\n").unwrap();
+        let e = format!(
+            "{:#}",
+            load_with_env(Some(&file), &Overrides::default(), &[]).unwrap_err()
+        );
+        assert!(e.contains("unknown key `tls.certificate`"), "{e}");
+    }
+
+    fn env_pairs_error(pairs: &[(&str, &str)]) -> String {
+        format!(
+            "{:#}",
+            load_with_env(None, &Overrides::default(), &env(pairs)).unwrap_err()
+        )
+    }
 }
