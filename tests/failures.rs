@@ -234,6 +234,7 @@ fn a_truncated_or_corrupt_dataset_file_is_refused() {
     let labels = data.join("t10k-labels-idx1-ubyte");
     let mut raw = lockstep_common::mnist::maybe_gunzip(
         std::fs::read(data.join("t10k-labels-idx1-ubyte.gz")).unwrap(),
+        lockstep_common::mnist::FILES[3].idx_len(),
     )
     .unwrap();
     raw[100] = (raw[100] + 1) % 10;

@@ -171,18 +171,25 @@ impl TrainingState {
             params[s.range()].copy_from_slice(&read(&s.name, &s.shape)?);
         }
         let mut buffers = Vec::new();
+        let mut named = std::collections::HashSet::new();
         for name in meta
             .get("optimizer_buffers")
             .map(String::as_str)
             .unwrap_or("")
             .split(',')
         {
-            if !name.is_empty() {
-                buffers.push((
-                    name.to_string(),
-                    read(&format!("optimizer.{name}"), &[len])?,
-                ));
+            if name.is_empty() {
+                continue;
             }
+            // Each name is read into a buffer of its own: a name repeated would let a small
+            // file make the reader allocate the same tensor over and over.
+            if !named.insert(name) {
+                bail!("checkpoint metadata `optimizer_buffers` names `{name}` more than once");
+            }
+            buffers.push((
+                name.to_string(),
+                read(&format!("optimizer.{name}"), &[len])?,
+            ));
         }
         let state = TrainingState {
             params,
@@ -299,3 +306,6 @@ mod tests {
         assert_eq!(st.tensor("fc.weight").unwrap().shape(), &[2, 3]);
     }
 }
+
+#[cfg(test)]
+mod props;

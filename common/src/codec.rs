@@ -157,6 +157,8 @@ pub fn add_f32_bytes(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
 
 /// Decodes little-endian `f32` bytes that must hold exactly `expected` values.
 pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
+    // Checked before allocating: `expected` values are allocated only if the bytes hold them.
+    check_len(bytes, expected)?;
     let mut out = vec![0.0; expected];
     decode_f32_into(bytes, &mut out)?;
     Ok(out)
@@ -297,3 +299,6 @@ mod tests {
         assert_eq!(digest(&[&a]), digest(&[&a]));
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -16,6 +16,8 @@ pub mod optim;
 pub mod protocol;
 pub mod reduce;
 pub mod schedule;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 pub mod wire;
 

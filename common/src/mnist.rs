@@ -30,6 +30,14 @@ pub struct MnistFile {
     pub idx_sha256: &'static str,
 }
 
+impl MnistFile {
+    /// Bytes of a good copy once decompressed: the IDX header and the data its dimensions
+    /// imply. No stream is inflated past this.
+    pub fn idx_len(&self) -> usize {
+        4 + 4 * self.dims.len() + self.dims.iter().product::<usize>()
+    }
+}
+
 /// The four files in the order train images, train labels, test images, test labels.
 pub const FILES: [MnistFile; 4] = [
     MnistFile {
@@ -86,6 +94,12 @@ pub enum IdxError {
     /// The gzip stream is damaged.
     #[error("gzip stream is corrupt or truncated: {0}")]
     Gzip(std::io::Error),
+    /// The gzip stream inflates to more than the file can hold.
+    #[error(
+        "gzip stream inflates to more than the {0} bytes this file holds (a corrupt file, or a gzip bomb); \
+         inflating was stopped there"
+    )]
+    TooLarge(usize),
 }
 
 /// A parsed IDX array of unsigned bytes.
@@ -97,13 +111,20 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Decompresses `bytes` if they are gzip (by magic number), else returns them as they are.
-pub fn maybe_gunzip(bytes: Vec<u8>) -> Result<Vec<u8>, IdxError> {
+/// Decompresses `bytes` if they are gzip (by magic number), else returns them as they are. A
+/// stream that inflates to more than `limit` bytes is refused as soon as it passes the limit,
+/// so a small file cannot make the reader allocate without bound (a gzip bomb).
+pub fn maybe_gunzip(bytes: Vec<u8>, limit: usize) -> Result<Vec<u8>, IdxError> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(bytes.len() * 5);
+        let room = limit.saturating_add(1);
+        let mut out = Vec::with_capacity(bytes.len().saturating_mul(5).min(room));
         flate2::read::GzDecoder::new(&bytes[..])
+            .take(room as u64)
             .read_to_end(&mut out)
             .map_err(IdxError::Gzip)?;
+        if out.len() > limit {
+            return Err(IdxError::TooLarge(limit));
+        }
         Ok(out)
     } else {
         Ok(bytes)
@@ -218,11 +239,19 @@ fn load_file(dir: &Path, f: &MnistFile) -> Result<Vec<u8>> {
             cache_dir().display()
         );
     };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    decode_file(&path, bytes, f)
+}
+
+/// Checks the bytes read from `path` (raw or gzip) against what a good copy of `f` looks like,
+/// and returns its data.
+fn decode_file(path: &Path, bytes: Vec<u8>, f: &MnistFile) -> Result<Vec<u8>> {
     let what = || format!("reading {}", path.display());
-    let bytes = std::fs::read(&path).with_context(what)?;
-    let idx_bytes = maybe_gunzip(bytes).with_context(what).with_context(|| {
-        "delete the file to re-download it, or replace it with a good copy".to_string()
-    })?;
+    let idx_bytes = maybe_gunzip(bytes, f.idx_len())
+        .with_context(what)
+        .with_context(|| {
+            "delete the file to re-download it, or replace it with a good copy".to_string()
+        })?;
     let arr = parse_idx(&idx_bytes).with_context(|| {
         format!(
             "{}: delete it to re-download, or replace it with a good copy",
@@ -345,7 +374,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    pub(super) fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut v = vec![0, 0, 8, dims.len() as u8];
         for d in dims {
             v.extend_from_slice(&d.to_be_bytes());
@@ -354,7 +383,7 @@ mod tests {
         v
     }
 
-    fn gzip(bytes: &[u8]) -> Vec<u8> {
+    pub(super) fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(bytes).unwrap();
         e.finish().unwrap()
@@ -366,7 +395,7 @@ mod tests {
         let a = parse_idx(&raw).unwrap();
         assert_eq!(a.dims, vec![2, 3]);
         assert_eq!(a.data, vec![1, 2, 3, 4, 5, 6]);
-        let b = parse_idx(&maybe_gunzip(gzip(&raw)).unwrap()).unwrap();
+        let b = parse_idx(&maybe_gunzip(gzip(&raw), raw.len()).unwrap()).unwrap();
         assert_eq!(a, b);
     }
 
@@ -386,13 +415,15 @@ mod tests {
         assert!(matches!(parse_idx(&bad), Err(IdxError::BadMagic(_))));
         let gz = gzip(&raw);
         assert!(matches!(
-            maybe_gunzip(gz[..gz.len() / 2].to_vec()),
+            maybe_gunzip(gz[..gz.len() / 2].to_vec(), raw.len()),
             Err(IdxError::Gzip(_))
         ));
         let mut flipped = gz.clone();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0xff;
-        assert!(maybe_gunzip(flipped).and_then(|b| parse_idx(&b)).is_err());
+        assert!(maybe_gunzip(flipped, raw.len())
+            .and_then(|b| parse_idx(&b))
+            .is_err());
     }
 
     #[test]
@@ -423,3 +454,6 @@ mod tests {
         assert_eq!(out, vec![0.0, 1.0]);
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -124,7 +124,8 @@ fn check_sha256(text: &str, what: &'static str) -> Result<(), ProtocolError> {
 
 fn cut(mut text: String) -> String {
     if text.len() > MAX_REASON_BYTES {
-        let mut end = MAX_REASON_BYTES;
+        // Room for the "...", so that a cut text is within the bound and is not cut again.
+        let mut end = MAX_REASON_BYTES - 3;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
@@ -815,3 +816,6 @@ mod tests {
         assert_eq!(StepId::new(1, 0).to_string(), "epoch 2 step 1");
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -181,3 +181,6 @@ mod tests {
         assert!(asm.finish().is_err());
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -406,3 +406,6 @@ mod tests {
         assert!(err.contains("already holds a run"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -305,10 +305,23 @@ fn resumed_start(
     n_train: usize,
 ) -> Result<Start> {
     let opened = Instant::now();
+    let steps = schedule::steps_per_epoch(n_train, config.batch_size as usize) as u64;
     for (_, path) in run.checkpoints()? {
         let loaded = std::fs::read(&path)
             .map_err(anyhow::Error::from)
-            .and_then(|bytes| TrainingState::from_bytes_with(network.layout(), &bytes));
+            .and_then(|bytes| TrainingState::from_bytes_with(network.layout(), &bytes))
+            .and_then(|found| {
+                // A checkpoint is taken after a step of an epoch, or at an epoch's end (step 0 of
+                // the next): a step beyond the epoch would train a schedule that does not exist.
+                let at = found.0.position;
+                anyhow::ensure!(
+                    at.step < steps,
+                    "its position, step {} of epoch {}, lies beyond the {steps} steps of an epoch",
+                    at.step,
+                    at.epoch.saturating_add(1)
+                );
+                Ok(found)
+            });
         let (state, _, extras) = match loaded {
             Ok(found) => found,
             Err(e) => {
@@ -390,4 +403,40 @@ pub fn external_token(token_file: Option<&std::path::Path>) -> Result<Token> {
         "--external-workers needs the job token that workers will present: set LOCKSTEP_TOKEN or pass \
          --token-file FILE (for example, generate one with `openssl rand -hex 32`)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_common::checkpoint::Extras;
+
+    #[test]
+    fn a_checkpoint_whose_step_lies_beyond_the_epoch_is_skipped_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = JobConfig::preset("softmax").unwrap();
+        let run = RunDir::create(dir.path(), &config.to_toml_string()).unwrap();
+        let network = Network::new(&config.model);
+        let mut start = initial_start(&config, &network);
+        // 1,000 samples in batches of 100: 10 steps an epoch.
+        let n_train = 1000;
+        // The newer checkpoint lies (saved first: a newer one would prune it).
+        start.state.position = Position {
+            epoch: 1,
+            step: 999_999,
+        };
+        run.save_checkpoint(&start.state, network.layout(), "", &Extras::default())
+            .unwrap();
+        start.state.position = Position { epoch: 1, step: 3 };
+        run.save_checkpoint(&start.state, network.layout(), "", &Extras::default())
+            .unwrap();
+        assert_eq!(run.checkpoints().unwrap().len(), 2);
+        let resumed = resumed_start(&run, &config, &network, n_train).unwrap();
+        assert_eq!(resumed.state.position, Position { epoch: 1, step: 3 });
+        let checkpoint = resumed.checkpoint.unwrap();
+        assert!(
+            checkpoint.ends_with("epoch-0002-step-000003.safetensors"),
+            "{}",
+            checkpoint.display()
+        );
+    }
 }

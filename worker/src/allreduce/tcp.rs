@@ -382,7 +382,7 @@ impl TcpCollective {
                 peer,
                 id,
                 self.len,
-                Holds::Shards,
+                Holds::Shards(shard_count),
                 &mut self.frames[i],
                 self.step_timeout,
             )
@@ -605,8 +605,8 @@ fn write_reply_frame(
 /// What a frame holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Holds {
-    /// A rank's shard gradients (any number, zero included).
-    Shards,
+    /// A rank's shard gradients: any number up to the step's shard count, zero included.
+    Shards(u32),
     /// Rank 0's average.
     Average,
 }
@@ -631,12 +631,16 @@ fn read_frame(
     if got != id {
         bail!("out of step: expected the frame of {id}, got {got}");
     }
-    if k > MAX_SHARDS || (holds == Holds::Average && k != 0) {
+    let most = match holds {
+        Holds::Shards(shard_count) => shard_count.min(MAX_SHARDS),
+        Holds::Average => 0,
+    };
+    if k > most {
         bail!(
             "a frame of {k} shards where {} was expected",
             match holds {
-                Holds::Shards => "at most 1024",
-                Holds::Average => "the average",
+                Holds::Shards(_) => format!("at most the step's {most}"),
+                Holds::Average => "the average".to_string(),
             }
         );
     }
@@ -652,7 +656,7 @@ fn read_frame(
     stream.read_exact(&mut size).map_err(io_error)?;
     let size = u64::from_le_bytes(size);
     let expected = match holds {
-        Holds::Shards => (len * 4 * k as usize) as u64,
+        Holds::Shards(_) => (len * 4 * k as usize) as u64,
         Holds::Average => (len * 4) as u64,
     };
     if size != expected {
@@ -977,3 +981,7 @@ mod tests {
         t.join().unwrap();
     }
 }
+
+#[cfg(test)]
+#[path = "tcp_props.rs"]
+mod props;
