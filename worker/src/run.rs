@@ -13,6 +13,7 @@ use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::Backend;
+use lockstep_common::protocol::Leave;
 use lockstep_common::wire::pb;
 
 use crate::abort::AbortSignal;
@@ -129,6 +130,7 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
         Backend::Nccl => Some(nccl_former(&device, len)?),
     };
     let states = CoordinatorStates {
+        member,
         client: client.clone(),
         runtime: tokio::runtime::Handle::current(),
         layout: network.layout().to_vec(),
@@ -186,7 +188,7 @@ fn ended(outcome: Outcome, steps: u64) -> Result<Ended> {
 /// Tells the coordinator why this worker goes, so its log names the reason; bounded, in case
 /// the coordinator is what is gone.
 async fn leave(client: &Client, member: u64, reason: String) {
-    let request = pb::LeaveRequest { member, reason };
+    let request = pb::LeaveRequest::from(Leave { member, reason });
     let mut client = client.clone();
     let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await;
 }
@@ -208,6 +210,7 @@ async fn steps_or_leave(
 
 /// The coordinator's `FetchState`/`PushState`, called from the compute thread.
 struct CoordinatorStates {
+    member: u64,
     client: Client,
     runtime: tokio::runtime::Handle,
     layout: Vec<TensorSpec>,
@@ -225,7 +228,7 @@ impl StateService for CoordinatorStates {
         let bytes = state.to_bytes(&self.layout, &self.config_toml)?;
         let client = &mut self.client;
         self.runtime
-            .block_on(session::push_state(client, version, &bytes))
+            .block_on(session::push_state(client, self.member, version, &bytes))
     }
 }
 

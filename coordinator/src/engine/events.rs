@@ -49,7 +49,11 @@ impl Engine {
                 }
             }
             Event::Interrupted(signal) => return Err(JobError::Interrupted(signal)),
-            Event::StatePushed { version, bytes } => self.on_pushed(version, bytes)?,
+            Event::StatePushed {
+                member,
+                version,
+                bytes,
+            } => self.on_pushed(member, version, bytes)?,
         }
         Ok(())
     }
@@ -172,9 +176,11 @@ impl Engine {
             return;
         };
         if step.membership != d.id.membership {
+            let who = self.shared.describe(member);
             tracing::debug!(
-                "dropping a report for {id} of membership {}",
-                d.id.membership
+                "dropping a report for {id} of membership {} from {who}: the step's work was sent under membership {}",
+                d.id.membership,
+                step.membership
             );
             return;
         }
@@ -202,23 +208,39 @@ impl Engine {
         step.reports.entry(member).or_insert(d.stats);
     }
 
-    /// A state a worker uploaded: one the coordinator asked for (a regroup), or the state after
-    /// a step marked for it (an epoch end, a checkpoint).
-    fn on_pushed(&mut self, version: u64, bytes: Vec<u8>) -> Result<(), JobError> {
+    /// A state a member uploaded: one the coordinator asked it for (a regroup), or the state
+    /// after a step marked for its upload (an epoch end, a checkpoint). An upload nobody asked
+    /// this member for is ignored, so no other member can replace the coordinator's replica.
+    fn on_pushed(
+        &mut self,
+        member: MemberId,
+        version: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), JobError> {
+        let who = self.shared.describe(member);
         let state = match TrainingState::from_bytes(&self.shared.layout, &bytes) {
             Ok((state, _)) => state,
             Err(e) => {
-                tracing::warn!("ignoring an uploaded state that does not parse: {e:#}");
+                tracing::warn!("ignoring a state uploaded by {who} that does not parse: {e:#}");
                 return Ok(());
             }
         };
         if version != 0 {
-            if self.regroup.awaited_push == Some(version) {
+            if self.regroup.awaited_push == Some((version, member)) {
                 self.regroup.pushed = Some(state);
+            } else {
+                tracing::warn!("ignoring a state of version {version} uploaded by {who}, which was not asked for it");
             }
             return Ok(());
         }
         let at = StepId::new(state.position.epoch, state.position.step);
+        if self.uploaders.get(&at) != Some(&member) {
+            tracing::warn!(
+                "ignoring the state before {} uploaded by {who}, which was not asked for it",
+                self.plan.here(at)
+            );
+            return Ok(());
+        }
         if at <= self.replica_at {
             return Ok(());
         }

@@ -144,6 +144,9 @@ pub struct Engine {
     pushed: BTreeMap<StepId, TrainingState>,
     /// Collective modes: accounts of finished checkpoint steps waiting for their state.
     pending_checkpoints: BTreeMap<StepId, EpochAccount>,
+    /// Collective modes: the member asked to upload the state after each marked step, by the
+    /// position after it; an upload from anyone else is ignored.
+    uploaders: BTreeMap<StepId, MemberId>,
     regroup: regroup::Regroup,
     /// Losses found while sending or handling, processed by [`Engine::settle_losses`].
     casualties: Vec<(MemberId, Cause)>,
@@ -218,6 +221,7 @@ impl Engine {
             sources: BTreeMap::new(),
             pushed: BTreeMap::new(),
             pending_checkpoints: BTreeMap::new(),
+            uploaders: BTreeMap::new(),
             regroup: regroup::Regroup::default(),
             casualties: Vec::new(),
             lost: Vec::new(),
@@ -564,6 +568,12 @@ impl Engine {
             self.send(member, FromCoordinator::Work(work));
         }
         slots.sort_by_key(|(k, _)| *k);
+        if let (true, Some(&uploader)) = (mark, members.first()) {
+            self.uploaders.insert(id.next(self.plan.steps), uploader);
+            while self.uploaders.len() > 16 {
+                self.uploaders.pop_first();
+            }
+        }
         if self.collective && digest_due {
             if let Some(&source) = members.first() {
                 self.sources.insert(id, source);

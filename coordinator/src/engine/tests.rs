@@ -516,6 +516,7 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
     };
     job.events
         .send(Event::StatePushed {
+            member: a.member,
             version,
             bytes: state.to_bytes(&job.shared.layout, "").unwrap(),
         })
@@ -547,6 +548,7 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
     *at.lock().unwrap() = StepId::new(0, 3);
     let layout = job.shared.layout.clone();
     let events = job.events.clone();
+    let uploader_member = a.member;
     let (state_digest_params, state_digest_optimizer) =
         (state.params.clone(), state.optimizer.clone());
     let uploader = tokio::spawn(async move {
@@ -557,6 +559,7 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
                 step: at.step,
             };
             let _ = events.send(Event::StatePushed {
+                member: uploader_member,
                 version,
                 bytes: s.to_bytes(&layout, "").unwrap(),
             });
@@ -592,4 +595,67 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
         (m["samples_covered"].as_u64(), m["samples_applied"].as_u64()),
         (Some(32), Some(32))
     );
+}
+
+#[tokio::test]
+async fn a_state_upload_nobody_asked_for_is_ignored() {
+    let job = job(Backend::Tcp, 2, 2, 1, 2);
+    let (mut a, mut b) = (job.join(1), job.join(2));
+    let network = Network::new(&job.shared.config.model);
+    let optimizer = Optimizer::new(job.shared.config.optimizer.clone(), job.params);
+    let honest = TrainingState {
+        params: network.init_params(job.shared.config.seed),
+        optimizer: optimizer.state().clone(),
+        position: Position { epoch: 1, step: 0 },
+    };
+    let mut poisoned = honest.clone();
+    poisoned.params.iter_mut().for_each(|p| *p = 0.25);
+    let layout = job.shared.layout.clone();
+    // b (rank 1) uploads a state for the end of the epoch; only rank 0 is asked for it.
+    job.events
+        .send(Event::StatePushed {
+            member: b.member,
+            version: 0,
+            bytes: poisoned.to_bytes(&layout, "").unwrap(),
+        })
+        .unwrap();
+    let sha256 = codec::state_digest(&honest.params, &honest.optimizer);
+    let (at_a, at_b) = (
+        Arc::new(Mutex::new(StepId::default())),
+        Arc::new(Mutex::new(StepId::default())),
+    );
+    let (uploads, _asked) = mpsc::unbounded_channel();
+    let rank_0 = a.member;
+    let upload_after_epoch = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if *at_a.lock().unwrap() == StepId::new(1, 0) {
+                job.events
+                    .send(Event::StatePushed {
+                        member: rank_0,
+                        version: 0,
+                        bytes: honest.to_bytes(&layout, "").unwrap(),
+                    })
+                    .unwrap();
+                return;
+            }
+        }
+    };
+    let (ra, rb, ()) = tokio::join!(
+        serve_collective(
+            &job,
+            &mut a,
+            (0, sha256.clone()),
+            at_a.clone(),
+            uploads.clone()
+        ),
+        serve_collective(&job, &mut b, (0, sha256.clone()), at_b, uploads.clone()),
+        upload_after_epoch
+    );
+    assert_eq!(
+        (ra.as_str(), rb.as_str()),
+        ("training finished", "training finished")
+    );
+    let summary = job.result().await.0.unwrap();
+    assert_eq!(summary.params_sha256, codec::digest(&[&honest.params]));
 }
