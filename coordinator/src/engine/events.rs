@@ -60,7 +60,7 @@ impl Engine {
 
     fn on_message(&mut self, member: MemberId, msg: FromWorker) -> Result<(), JobError> {
         match msg {
-            FromWorker::Gradient(g) if !self.collective => self.on_gradient(member, g),
+            FromWorker::Gradient(g) if !self.collective => self.on_gradient(member, g)?,
             FromWorker::StepDone(d) if self.collective => self.on_step_done(member, d),
             FromWorker::Digest { id, sha256 } => {
                 if self.collective && self.sources.get(&id.id) == Some(&member) {
@@ -115,15 +115,33 @@ impl Engine {
         }
     }
 
-    fn on_gradient(&mut self, member: MemberId, g: ShardGradient) {
+    /// grpc: a shard gradient. One of a step already finished, or of a shard that is not the
+    /// sender's or is in already, is dropped; one that cannot be (work never sent, another
+    /// length, other samples) drops its sender. A non-finite one drops its sender too and its
+    /// shards are recomputed by the others, unless another member's gradient of the step was
+    /// non-finite as well or nobody is left to recompute it: then the model diverged.
+    fn on_gradient(&mut self, member: MemberId, g: ShardGradient) -> Result<(), JobError> {
+        let malformed = |engine: &mut Self, why: String| {
+            engine.casualties.push((member, Cause::Malformed(why)));
+            Ok(())
+        };
         let id = match self.report_target(g.id) {
             Ok(Some(id)) => id,
-            Ok(None) => return,
-            Err(why) => return self.casualties.push((member, Cause::Malformed(why))),
+            Ok(None) => {
+                tracing::debug!(
+                    "dropping shard {} of {} from {}: the step is finished",
+                    g.shard,
+                    g.id.id,
+                    self.shared.describe(member)
+                );
+                return Ok(());
+            }
+            Err(why) => return malformed(self, why),
         };
         let expected = self.params.len() * 4;
+        let others = self.links.len() > 1;
         let Some(step) = self.inflight.get_mut(id) else {
-            return;
+            return Ok(());
         };
         let Some(slot) = step.slots.get_mut(g.shard as usize) else {
             let why = format!(
@@ -131,14 +149,15 @@ impl Engine {
                 g.shard,
                 step.slots.len()
             );
-            return self.casualties.push((member, Cause::Malformed(why)));
+            return malformed(self, why);
         };
         if slot.owner != member || slot.filled.is_some() {
+            let who = self.shared.describe(member);
             tracing::debug!(
-                "dropping shard {} of {id} from member {member}: not its, or in already",
+                "dropping shard {} of {id} from {who}: not its, or in already",
                 g.shard
             );
-            return;
+            return Ok(());
         }
         let why = if g.data.len() != expected {
             Some(format!(
@@ -157,13 +176,38 @@ impl Engine {
             None
         };
         if let Some(why) = why {
-            return self.casualties.push((member, Cause::Malformed(why)));
+            return malformed(self, why);
+        }
+        if let Err(e) = lockstep_common::codec::check_finite_le(&g.data) {
+            let seen_from_another = step.non_finite.is_some_and(|first| first != member);
+            if seen_from_another || !others {
+                return Err(JobError::Diverged {
+                    reason: format!(
+                        "{} sent shard {} with a non-finite value ({e}){}",
+                        self.shared.describe(member),
+                        g.shard,
+                        if seen_from_another {
+                            ", as another worker did for this step"
+                        } else {
+                            ""
+                        }
+                    ),
+                    at: self.plan.here(id),
+                });
+            }
+            step.non_finite = Some(member);
+            let why = format!(
+                "it sent shard {} of {id} with a non-finite value ({e}); the other workers recompute its shards",
+                g.shard
+            );
+            return malformed(self, why);
         }
         slot.filled = Some(Filled {
             by: member,
             stats: Some(g.stats),
             gradient: Some(g.data),
         });
+        Ok(())
     }
 
     fn on_step_done(&mut self, member: MemberId, d: StepDone) {

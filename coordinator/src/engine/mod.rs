@@ -590,6 +590,7 @@ impl Engine {
             reports: BTreeMap::new(),
             sent_at: std::time::Instant::now(),
             forced: false,
+            non_finite: None,
         });
     }
 

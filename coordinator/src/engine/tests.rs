@@ -598,6 +598,56 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
 }
 
 #[tokio::test]
+async fn a_non_finite_gradient_from_one_worker_drops_it_and_the_others_recompute_its_shards() {
+    let job = job(Backend::Grpc, 2, 2, 1, 2);
+    let (mut a, mut b) = (job.join(1), job.join(2));
+    let v0 = b.work().await;
+    let FromWorker::Gradient(mut g) = job.gradient(&v0, 0) else {
+        unreachable!()
+    };
+    g.data = Bytes::from(f32::NAN.to_le_bytes().repeat(job.params));
+    job.send(&b, FromWorker::Gradient(g));
+    let reason = serve_grpc(&job, &mut b).await;
+    assert!(
+        reason.contains("non-finite value") && reason.contains("recompute its shards"),
+        "{reason}"
+    );
+    // a computes b's shard of step 1 again (and its later ones), and finishes the job.
+    assert_eq!(serve_grpc(&job, &mut a).await, "training finished");
+    let (result, dir) = job.result().await;
+    result.unwrap();
+    assert_eq!(metrics(&dir)["samples_applied"].as_u64(), Some(32));
+}
+
+#[tokio::test]
+async fn non_finite_gradients_from_two_workers_of_a_step_stop_the_job_as_diverged() {
+    let job = job(Backend::Grpc, 3, 3, 1, 3);
+    let (mut a, mut b, mut c) = (job.join(1), job.join(2), job.join(3));
+    let nan = |fake: &Fake, w: &Work| {
+        let FromWorker::Gradient(mut g) = job.gradient(w, 0) else {
+            unreachable!()
+        };
+        g.data = Bytes::from(f32::INFINITY.to_le_bytes().repeat(job.params));
+        job.send(fake, FromWorker::Gradient(g));
+    };
+    let (w0, v0) = (a.work().await, b.work().await);
+    nan(&a, &w0);
+    nan(&b, &v0);
+    let _ = serve_grpc(&job, &mut c).await;
+    let (result, _dir) = job.result().await;
+    let stopped = result.unwrap_err();
+    assert!(
+        matches!(stopped.error, JobError::Diverged { .. }),
+        "{stopped}"
+    );
+    let text = stopped.to_string();
+    assert!(
+        text.contains("worker rank 1 (test/pid 2") && text.contains("as another worker did"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn a_state_upload_nobody_asked_for_is_ignored() {
     let job = job(Backend::Tcp, 2, 2, 1, 2);
     let (mut a, mut b) = (job.join(1), job.join(2));
