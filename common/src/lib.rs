@@ -10,6 +10,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod memory;
 pub mod mnist;
 pub mod model;
 pub mod optim;

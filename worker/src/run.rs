@@ -13,6 +13,7 @@ use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::Backend;
+use lockstep_common::memory;
 use lockstep_common::protocol::Leave;
 use lockstep_common::wire::pb;
 
@@ -103,6 +104,12 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
         config.backend
     );
     let member = reply.member;
+    // Before the state and the device's buffers are allocated; the coordinator hears why.
+    let need = memory::Need::worker(&config, network.num_params() as u64);
+    if let Err(e) = memory::check(&need, memory::available().as_ref()) {
+        leave(&client, member, format!("{e:#}")).await;
+        return Err(e);
+    }
     let device = options.device.open()?;
     let len = network.num_params();
     let abort = AbortSignal::default();

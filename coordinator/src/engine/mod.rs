@@ -51,6 +51,8 @@ use inflight::{InFlight, Slot, Step};
 /// How many steps ahead of the oldest unfinished one the coordinator sends work. (A deeper
 /// queue for NCCL workers, which do not wait on the coordinator, measured no faster on an H100.)
 const PIPELINE_DEPTH: u64 = 2;
+/// Most steps whose work is out at once (what the memory check counts gradients for).
+pub const STEPS_IN_FLIGHT: u64 = PIPELINE_DEPTH + 1;
 /// Test images per evaluation forward pass.
 const EVAL_BATCH: usize = 2000;
 /// How long the state after an epoch may take to arrive from the workers (collective modes).
