@@ -357,3 +357,142 @@ fn workers_of_another_version_model_or_token_are_refused_and_a_good_one_trains()
     );
     assert_eq!(metrics(&run).len(), 1);
 }
+
+/// The probe that found it: `--model mlp:100000000` (79.5 billion parameters) aborted with
+/// `memory allocation of 318000000040 bytes failed` and a core dump. Sizes are checked when the
+/// configuration is, in both binaries, before anything is allocated.
+#[test]
+fn a_model_too_large_for_the_job_is_refused_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = ["--model", "mlp:100000000"];
+    let needles = [
+        "`mlp 784-100000000-10 relu` has 79500000010 parameters",
+        "954000000120 bytes (888.5 GiB), more than the 1073610752 bytes",
+        "a state transfer carries",
+    ];
+    let out = run_with_limit(
+        train_command(&dir.path().join("a")).args(huge),
+        Duration::from_secs(30),
+    );
+    let err = assert_clean_failure(&out, &needles);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("memory allocation"), "{err}");
+    let out = run_with_limit(
+        std::process::Command::new(worker())
+            .args(["--coordinator", "http://127.0.0.1:9"])
+            .args(huge)
+            .env("LOCKSTEP_TOKEN", "t"),
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(&out, &needles);
+
+    let out = run_with_limit(
+        train_command(&dir.path().join("b")).args(["--model", "mlp:30000"]),
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(
+        &out,
+        &[
+            "has 23850010 parameters: its gradient is 95400040 bytes",
+            "a gRPC message carries; use --backend tcp",
+        ],
+    );
+
+    let check = |env: (&str, &str), needle: &str| {
+        let out = run_with_limit(
+            std::process::Command::new(lockstep())
+                .arg("check-config")
+                .env(env.0, env.1),
+            Duration::from_secs(30),
+        );
+        assert_clean_failure(&out, &[needle]);
+    };
+    check(
+        ("LOCKSTEP_EPOCHS", "1000000"),
+        "epochs is 1000000; at most 100000 is supported",
+    );
+    check(
+        ("LOCKSTEP_CLUSTER__STEP_TIMEOUT_S", "1000000"),
+        "cluster.step_timeout_s is 1000000; at most 86400 is supported",
+    );
+    check(
+        ("LOCKSTEP_MODEL__HIDDEN", &["8"; 65].join(",")),
+        "the number of hidden layers (model.hidden) is 65; at most 64",
+    );
+    check(
+        ("LOCKSTEP_CLUSTER__MAX_WORKERS", "5000"),
+        "cluster.max_workers is 5000; at most 1024",
+    );
+}
+
+fn memory_available() -> u64 {
+    lockstep_common::memory::available().map_or(u64::MAX, |a| a.bytes)
+}
+
+/// 15.9 million parameters (a 64 MB gradient) in 1024 shards: the coordinator would hold three
+/// steps' 1024 shard gradients, about 195 GB, and is refused before it loads MNIST.
+#[test]
+fn a_coordinator_that_cannot_fit_in_memory_is_refused_naming_parameters_and_bytes() {
+    if memory_available() > 200 << 30 {
+        eprintln!("skipped: this machine has more than 200 GiB available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_with_limit(
+        train_command(&dir.path().join("run"))
+            .args([
+                "--model",
+                "mlp:20000",
+                "--batch-size",
+                "1024",
+                "--workers",
+                "1",
+            ])
+            .env("LOCKSTEP_CLUSTER__SHARDS", "1024"),
+        Duration::from_secs(30),
+    );
+    let err = assert_clean_failure(
+        &out,
+        &[
+            "the coordinator does not fit in memory: `mlp 784-20000-10 relu` has 15900010 parameters",
+            "shard gradients of the steps in flight 195379322880 bytes",
+            "are available (",
+            "fewer cluster.shards",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("loaded MNIST"), "checked too late:\n{err}");
+}
+
+/// With tcp every worker may become rank 0, which sums every shard's gradient: 1024 shards of a
+/// 318 MB gradient do not fit a worker, which says so and leaves; the coordinator names it.
+#[test]
+fn a_worker_that_cannot_fit_in_memory_leaves_saying_why() {
+    if memory_available() > 340 << 30 {
+        eprintln!("skipped: this machine has more than 340 GiB available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_with_limit(
+        train_command(&dir.path().join("run"))
+            .args([
+                "--model",
+                "mlp:100000",
+                "--batch-size",
+                "1024",
+                "--workers",
+                "1",
+            ])
+            .args(["--backend", "tcp"])
+            .env("LOCKSTEP_CLUSTER__SHARDS", "1024"),
+        Duration::from_secs(120),
+    );
+    assert_clean_failure(
+        &out,
+        &[
+            "disconnected before training started",
+            "the worker does not fit in memory: `mlp 784-100000-10 relu` has 79500010 parameters",
+            "the shard gradients rank 0 sums 325632040960 bytes",
+        ],
+    );
+}

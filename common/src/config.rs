@@ -608,6 +608,99 @@ impl JobConfig {
             bail!("cluster.digest_every must be at least 1");
         }
         self.tls.validate()?;
+        // Upper bounds. A configuration comes from a user, and to a worker from the coordinator
+        // at join time: neither may ask for more than a job can carry, nor for a model whose
+        // allocation would abort the process. The model's training state travels in one state
+        // transfer (at most MAX_STATE_BYTES); with grpc its gradient travels in one message.
+        {
+            const MAX_EPOCHS: u32 = 100_000;
+            const MAX_HIDDEN_LAYERS: usize = 64;
+            const MAX_THREADS: u32 = 1024;
+            const MAX_RESTARTS: u32 = 10_000;
+            const MAX_HEARTBEAT_TIMEOUT_MS: u32 = 3_600_000;
+            const MAX_TIMEOUT_S: u32 = 86_400;
+            let at_most = |key: &str, value: u64, limit: u64| -> Result<()> {
+                if value > limit {
+                    bail!("{key} is {value}; at most {limit} is supported");
+                }
+                Ok(())
+            };
+            at_most("epochs", self.epochs.into(), MAX_EPOCHS.into())?;
+            at_most("threads", self.threads.into(), MAX_THREADS.into())?;
+            at_most(
+                "max_restarts",
+                self.max_restarts.into(),
+                MAX_RESTARTS.into(),
+            )?;
+            let max_workers = crate::protocol::MAX_SHARDS.into();
+            at_most("workers", self.workers.into(), max_workers)?;
+            at_most("cluster.max_workers", c.max_workers.into(), max_workers)?;
+            let interval = crate::protocol::MAX_HEARTBEAT_INTERVAL_MS.into();
+            at_most(
+                "cluster.heartbeat_interval_ms",
+                c.heartbeat_interval_ms.into(),
+                interval,
+            )?;
+            let timeout = MAX_HEARTBEAT_TIMEOUT_MS.into();
+            at_most(
+                "cluster.heartbeat_timeout_ms",
+                c.heartbeat_timeout_ms.into(),
+                timeout,
+            )?;
+            at_most(
+                "cluster.join_timeout_s",
+                c.join_timeout_s.into(),
+                MAX_TIMEOUT_S.into(),
+            )?;
+            at_most(
+                "cluster.step_timeout_s",
+                c.step_timeout_s.into(),
+                MAX_TIMEOUT_S.into(),
+            )?;
+            let layers = self.model.hidden.len() as u64;
+            at_most(
+                "the number of hidden layers (model.hidden)",
+                layers,
+                MAX_HIDDEN_LAYERS as u64,
+            )?;
+            if !self.model.leaky_slope.is_finite() {
+                bail!(
+                    "model.leaky_slope must be a number, got {}",
+                    self.model.leaky_slope
+                );
+            }
+            let describe = self.model.describe();
+            let parameters = crate::model::parameter_count(&self.model).ok_or_else(|| {
+                anyhow!("`{describe}` has more parameters than a 64-bit count holds")
+            })?;
+            let buffers = crate::optim::Optimizer::new(self.optimizer.clone(), 0)
+                .state()
+                .buffers
+                .len() as u64;
+            let state = parameters.saturating_mul(4 * (1 + buffers));
+            // The serialised state also holds its header and this configuration.
+            let state_limit = crate::MAX_STATE_BYTES - 2 * crate::protocol::MAX_CONFIG_BYTES as u64;
+            if state > state_limit {
+                bail!(
+                    "`{describe}` has {parameters} parameters: its training state (parameters and {buffers} optimizer \
+                     buffer(s) of 4 bytes each) is {}, more than the {} that a state transfer carries; choose a \
+                     smaller model",
+                    crate::memory::Bytes(state),
+                    crate::memory::Bytes(state_limit)
+                );
+            }
+            // A gradient message is the flat buffer and a few small fields.
+            let message_limit = crate::MAX_MESSAGE_BYTES as u64 - 4096;
+            let gradient = parameters.saturating_mul(4);
+            if self.backend == Backend::Grpc && gradient > message_limit {
+                bail!(
+                    "`{describe}` has {parameters} parameters: its gradient is {}, more than the {} that a gRPC \
+                     message carries; use --backend tcp (the workers exchange gradients directly) or a smaller model",
+                    crate::memory::Bytes(gradient),
+                    crate::memory::Bytes(message_limit)
+                );
+            }
+        }
         Ok(())
     }
 

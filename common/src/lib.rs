@@ -10,6 +10,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod memory;
 pub mod mnist;
 pub mod model;
 pub mod optim;
@@ -50,7 +51,7 @@ pub fn tune_allocator() {
 
 /// Version of the wire protocol in `proto/lockstep.proto`; a worker of another version is
 /// refused at `Join` with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest gRPC message either side accepts or sends. Gradients of the largest preset (`cnn`,
 /// 1.2M parameters) are about 5 MB; state transfers are chunked well below this.
@@ -61,6 +62,3 @@ pub const STATE_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Largest training state (parameters + optimizer state) accepted over `FetchState`/`PushState`.
 pub const MAX_STATE_BYTES: u64 = 1 << 30;
-
-/// Longest worker description (`host/pid N`) or device name a worker may present at `Join`.
-pub const MAX_WORKER_ID_BYTES: usize = 256;

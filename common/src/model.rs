@@ -16,6 +16,27 @@ use crate::mnist::IMAGE_PIXELS;
 /// Number of classes.
 pub const CLASSES: usize = 10;
 
+/// The number of parameters `config` describes, computed without building anything, so a
+/// configuration can be checked before it is trusted; `None` when it does not even fit a
+/// `u64`. The same count as [`Network::num_params`] (tested).
+pub fn parameter_count(config: &ModelConfig) -> Option<u64> {
+    match config.kind {
+        ModelKind::Cnn => Some(Network::new(config).num_params() as u64),
+        ModelKind::Mlp => {
+            let sizes: Vec<u64> = std::iter::once(IMAGE_PIXELS)
+                .chain(config.hidden.iter().copied())
+                .chain(std::iter::once(CLASSES))
+                .map(|s| s as u64)
+                .collect();
+            sizes.windows(2).try_fold(0u64, |total, w| {
+                w[0].checked_mul(w[1])?
+                    .checked_add(w[1])?
+                    .checked_add(total)
+            })
+        }
+    }
+}
+
 /// A network architecture and its parameter layout.
 #[derive(Clone, Debug)]
 pub struct Network {
@@ -467,6 +488,23 @@ pub fn evaluate(
 mod tests {
     use super::*;
     use crate::config::{JobConfig, PRESETS};
+
+    #[test]
+    fn the_parameter_count_is_the_layouts_and_does_not_overflow() {
+        for p in PRESETS {
+            let model = JobConfig::preset(p).unwrap().model;
+            assert_eq!(
+                parameter_count(&model),
+                Some(Network::new(&model).num_params() as u64),
+                "{p}"
+            );
+        }
+        let mut huge = JobConfig::preset("mlp").unwrap().model;
+        huge.hidden = vec![100_000_000];
+        assert_eq!(parameter_count(&huge), Some(79_500_000_010));
+        huge.hidden = vec![usize::MAX, usize::MAX];
+        assert_eq!(parameter_count(&huge), None);
+    }
 
     #[test]
     fn layouts_have_pytorch_names_and_shapes() {

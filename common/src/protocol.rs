@@ -1,10 +1,11 @@
-//! The project's own types for what crosses the step stream, converted from the generated
-//! prost types at the boundary (`TryFrom`) and back (`From`). A conversion checks everything
-//! that can be checked without knowing the job's state: a step message without its step id is
-//! refused (it never silently becomes step 0), every length and count from a peer is bounded,
-//! and pixel, label and index buffers must agree with the counts they come with. What depends
-//! on the job (is this shard assigned to this worker? does the gradient have the layout's
-//! length?) is the receiver's to check.
+//! The project's own types for what crosses the wire, converted from the generated prost types
+//! at the boundary (`TryFrom`) and back (`From`). A conversion checks everything that can be
+//! checked without knowing the job's state: a step message without its step id is refused (it
+//! never silently becomes step 0), every string, length and count from a peer is bounded (an
+//! over-limit field is refused, naming the field and its limit), pixel, label and index buffers
+//! must agree with the counts they come with, and text meant for people is made [`printable`]
+//! before it can reach a log line or an error. What depends on the job (is this shard assigned
+//! to this worker? does the gradient have the layout's length?) is the receiver's to check.
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
@@ -20,8 +21,77 @@ pub const MAX_SHARDS: u32 = 1024;
 pub const MAX_GLOBAL_BATCH: u32 = 1 << 20;
 /// Longest rendezvous blob (an NCCL id is 128 bytes; a tcp one well under 200).
 pub const MAX_RENDEZVOUS_BYTES: usize = 4096;
-/// Longest free-text reason a worker may send; longer ones are cut.
+/// Longest free-text reason or message (`StepFailed`, `Leave`, `Abort`, `Finish`). Senders cut
+/// their own text to it; receivers refuse longer.
 pub const MAX_REASON_BYTES: usize = 2000;
+/// Longest worker description (`host/pid N`) a worker may present at `Join`.
+pub const MAX_WORKER_ID_BYTES: usize = 256;
+/// Longest device name (`cpu`, `cuda:0`) a worker may present at `Join`.
+pub const MAX_DEVICE_BYTES: usize = 64;
+/// Longest model description a worker may present at `Join`.
+pub const MAX_DESCRIPTION_BYTES: usize = 256;
+/// Longest model fingerprint a worker may present at `Join` (ours are 16 hex digits).
+pub const MAX_FINGERPRINT_BYTES: usize = 64;
+/// Longest job configuration (TOML) a coordinator may send at `Join` (ours are about 1 KiB).
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+/// Most tensors in a parameter layout (an `mlp` of 64 hidden layers has 130).
+pub const MAX_LAYOUT_TENSORS: usize = 256;
+/// Longest tensor name in a layout (`fc12.weight`).
+pub const MAX_TENSOR_NAME_BYTES: usize = 128;
+/// Most dimensions of a tensor in a layout (a convolution's weight has 4).
+pub const MAX_TENSOR_DIMS: usize = 4;
+/// Longest backend name in a join reply.
+pub const MAX_BACKEND_BYTES: usize = 16;
+/// Longest heartbeat interval a coordinator may ask for.
+pub const MAX_HEARTBEAT_INTERVAL_MS: u32 = 60_000;
+
+/// Text from a peer, made safe to print: control characters and other non-printable ones (line
+/// breaks, terminal escape sequences, bidirectional overrides, zero-width characters) are
+/// escaped as Rust escapes them (`\n`, `\u{1b}`), and so is the backslash, so a peer can
+/// neither forge a log line nor drive the reader's terminal. Printable text, non-ASCII
+/// included, is kept as it is. Every peer string meant for people passes through here once, at
+/// the boundary.
+pub fn printable(text: &str) -> String {
+    let plain = |c: char| c != '\\' && c.escape_debug().len() == 1 || c == '"' || c == '\'';
+    if text.chars().all(plain) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            out.extend(c.escape_debug());
+        }
+    }
+    out
+}
+
+/// Cuts free text to [`MAX_REASON_BYTES`] (at a character boundary, ending in `...`), so what
+/// this side sends is never refused for its length.
+pub fn cut_reason(mut text: String) -> String {
+    if text.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+/// `text`, refused when longer than `limit` bytes, made [`printable`].
+fn bounded(text: &str, field: &'static str, limit: usize) -> Result<String, ProtocolError> {
+    if text.len() > limit {
+        return Err(ProtocolError::TooLong {
+            field,
+            len: text.len(),
+            limit,
+        });
+    }
+    Ok(printable(text))
+}
 
 /// A message that does not follow the protocol.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -35,6 +105,29 @@ pub enum ProtocolError {
     /// The message kind is not one this side accepts here.
     #[error("unexpected message: {0}")]
     Unexpected(&'static str),
+    /// A string is longer than the protocol allows.
+    #[error("{field} is {len} bytes long; at most {limit} are accepted")]
+    TooLong {
+        /// The field, as the proto names it (`JoinRequest.worker_id`).
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A message over the size limit ([`crate::MAX_MESSAGE_BYTES`]), as the transport says.
+    #[error("a message over the 64 MiB limit: {0}")]
+    Oversized(String),
+    /// A repeated field has more entries than the protocol allows.
+    #[error("{field} has {len} entries; at most {limit} are accepted")]
+    TooMany {
+        /// The field, as the proto names it (`JoinReply.layout`).
+        field: &'static str,
+        /// Its entries.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// A position in the schedule: step `step` (from 0) of epoch `epoch` (from 0). Ordered by
@@ -122,17 +215,140 @@ fn check_sha256(text: &str, what: &'static str) -> Result<(), ProtocolError> {
     }
 }
 
-fn cut(mut text: String) -> String {
-    if text.len() > MAX_REASON_BYTES {
-        // Room for the "...", so that a cut text is within the bound and is not cut again.
-        let mut end = MAX_REASON_BYTES - 3;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
+// ---------------------------------------------------------------------------------------------
+// Admission and leaving (unary RPCs)
+
+/// What a worker says about itself at `Join`, checked: every text bounded and [`printable`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// The protocol version it speaks.
+    pub protocol_version: u32,
+    /// How it names itself (`host/pid N`), for logs and errors.
+    pub worker_id: String,
+    /// Its compute device (`cpu`, `cuda:0`).
+    pub device: String,
+    /// The model it insists on, if any: (fingerprint, description).
+    pub model: Option<(String, String)>,
+    /// Built with CUDA and a device is visible.
+    pub cuda_available: bool,
+    /// Its process id.
+    pub pid: u32,
+}
+
+impl TryFrom<pb::JoinRequest> for JoinRequest {
+    type Error = ProtocolError;
+
+    fn try_from(r: pb::JoinRequest) -> Result<Self, ProtocolError> {
+        let worker_id = bounded(&r.worker_id, "JoinRequest.worker_id", MAX_WORKER_ID_BYTES)?;
+        let device = bounded(&r.device, "JoinRequest.device", MAX_DEVICE_BYTES)?;
+        let fingerprint = bounded(
+            &r.model_fingerprint,
+            "JoinRequest.model_fingerprint",
+            MAX_FINGERPRINT_BYTES,
+        )?;
+        let description = bounded(
+            &r.model_description,
+            "JoinRequest.model_description",
+            MAX_DESCRIPTION_BYTES,
+        )?;
+        Ok(JoinRequest {
+            protocol_version: r.protocol_version,
+            worker_id,
+            device,
+            model: (!fingerprint.is_empty()).then_some((fingerprint, description)),
+            cuda_available: r.cuda_available,
+            pid: r.pid,
+        })
     }
-    text
+}
+
+/// A worker leaving on purpose, checked: its reason bounded and [`printable`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leave {
+    /// The admission that leaves.
+    pub member: u64,
+    /// Why.
+    pub reason: String,
+}
+
+impl TryFrom<pb::LeaveRequest> for Leave {
+    type Error = ProtocolError;
+
+    fn try_from(r: pb::LeaveRequest) -> Result<Self, ProtocolError> {
+        Ok(Leave {
+            member: r.member,
+            reason: bounded(&r.reason, "LeaveRequest.reason", MAX_REASON_BYTES)?,
+        })
+    }
+}
+
+impl From<Leave> for pb::LeaveRequest {
+    fn from(l: Leave) -> Self {
+        pb::LeaveRequest {
+            member: l.member,
+            reason: cut_reason(l.reason),
+        }
+    }
+}
+
+/// Checks what a worker receives from `Join` before it uses any of it: the configuration's
+/// length (its content is validated when parsed), the layout's size, the heartbeat interval
+/// and the steps per epoch.
+pub fn check_join_reply(r: &pb::JoinReply) -> Result<(), ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed("JoinReply", why);
+    if r.job_config_toml.len() > MAX_CONFIG_BYTES {
+        return Err(ProtocolError::TooLong {
+            field: "JoinReply.job_config_toml",
+            len: r.job_config_toml.len(),
+            limit: MAX_CONFIG_BYTES,
+        });
+    }
+    if r.backend.len() > MAX_BACKEND_BYTES {
+        return Err(ProtocolError::TooLong {
+            field: "JoinReply.backend",
+            len: r.backend.len(),
+            limit: MAX_BACKEND_BYTES,
+        });
+    }
+    if r.layout.len() > MAX_LAYOUT_TENSORS {
+        return Err(ProtocolError::TooMany {
+            field: "JoinReply.layout",
+            len: r.layout.len(),
+            limit: MAX_LAYOUT_TENSORS,
+        });
+    }
+    for t in &r.layout {
+        if t.name.len() > MAX_TENSOR_NAME_BYTES {
+            return Err(ProtocolError::TooLong {
+                field: "TensorSpec.name",
+                len: t.name.len(),
+                limit: MAX_TENSOR_NAME_BYTES,
+            });
+        }
+        if t.shape.len() > MAX_TENSOR_DIMS {
+            return Err(ProtocolError::TooMany {
+                field: "TensorSpec.shape",
+                len: t.shape.len(),
+                limit: MAX_TENSOR_DIMS,
+            });
+        }
+    }
+    if r.rank >= MAX_SHARDS {
+        return Err(bad(format!(
+            "rank {} (at most {MAX_SHARDS} workers)",
+            r.rank
+        )));
+    }
+    if r.heartbeat_interval_ms == 0 || r.heartbeat_interval_ms > MAX_HEARTBEAT_INTERVAL_MS {
+        return Err(bad(format!(
+            "a heartbeat interval of {} ms (1 to {MAX_HEARTBEAT_INTERVAL_MS} accepted)",
+            r.heartbeat_interval_ms
+        )));
+    }
+    if r.steps_per_epoch == 0 || r.steps_per_epoch > u64::from(u32::MAX) {
+        return Err(bad(format!("{} steps per epoch", r.steps_per_epoch)));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,10 +513,11 @@ impl TryFrom<pb::WorkerMessage> for FromWorker {
             Some(Kind::StepDone(d)) => {
                 let id = stamp(d.id, "StepDone")?;
                 if d.shards.len() > MAX_SHARDS as usize {
-                    return Err(ProtocolError::Malformed(
-                        "StepDone",
-                        format!("{} shards", d.shards.len()),
-                    ));
+                    return Err(ProtocolError::TooMany {
+                        field: "StepDone.shards",
+                        len: d.shards.len(),
+                        limit: MAX_SHARDS as usize,
+                    });
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 let mut shards = Vec::with_capacity(d.shards.len());
@@ -350,7 +567,7 @@ impl TryFrom<pb::WorkerMessage> for FromWorker {
             }
             Some(Kind::StepFailed(f)) => FromWorker::StepFailed {
                 id: stamp(f.id, "StepFailed")?,
-                reason: cut(f.reason),
+                reason: bounded(&f.reason, "StepFailed.reason", MAX_REASON_BYTES)?,
                 diverged: f.diverged,
             },
         })
@@ -412,7 +629,7 @@ impl From<FromWorker> for pb::WorkerMessage {
                 diverged,
             } => Kind::StepFailed(pb::StepFailed {
                 id: Some(id.into()),
-                reason,
+                reason: cut_reason(reason),
                 diverged,
             }),
         };
@@ -590,8 +807,12 @@ impl TryFrom<pb::CoordinatorMessage> for FromCoordinator {
                 id: stamp(r.id, "Reduced")?,
                 data: r.data,
             },
-            Some(Kind::Finish(f)) => FromCoordinator::Finish(cut(f.message)),
-            Some(Kind::Abort(a)) => FromCoordinator::Abort(cut(a.reason)),
+            Some(Kind::Finish(f)) => {
+                FromCoordinator::Finish(bounded(&f.message, "Finish.message", MAX_REASON_BYTES)?)
+            }
+            Some(Kind::Abort(a)) => {
+                FromCoordinator::Abort(bounded(&a.reason, "Abort.reason", MAX_REASON_BYTES)?)
+            }
             Some(Kind::Rendezvous(r)) => {
                 if r.id.is_empty() || r.id.len() > MAX_RENDEZVOUS_BYTES {
                     return Err(ProtocolError::Malformed(
@@ -654,8 +875,12 @@ impl From<FromCoordinator> for pb::CoordinatorMessage {
                 id: Some(id.into()),
                 data,
             }),
-            FromCoordinator::Finish(message) => Kind::Finish(pb::Finish { message }),
-            FromCoordinator::Abort(reason) => Kind::Abort(pb::Abort { reason }),
+            FromCoordinator::Finish(message) => Kind::Finish(pb::Finish {
+                message: cut_reason(message),
+            }),
+            FromCoordinator::Abort(reason) => Kind::Abort(pb::Abort {
+                reason: cut_reason(reason),
+            }),
             FromCoordinator::Rendezvous { blob, membership } => Kind::Rendezvous(pb::Rendezvous {
                 id: blob,
                 membership_epoch: membership,
@@ -793,10 +1018,40 @@ mod tests {
                 diverged: false,
             })),
         };
-        let FromWorker::StepFailed { reason, .. } = FromWorker::try_from(failed).unwrap() else {
+        assert_eq!(
+            FromWorker::try_from(failed).unwrap_err().to_string(),
+            "StepFailed.reason is 20000 bytes long; at most 2000 are accepted"
+        );
+        // What this side sends is cut to the limit, so the other side takes it.
+        let long = FromWorker::StepFailed {
+            id: Stamp::default(),
+            reason: "é".repeat(10_000),
+            diverged: false,
+        };
+        let FromWorker::StepFailed { reason, .. } =
+            FromWorker::try_from(pb::WorkerMessage::from(long)).unwrap()
+        else {
             panic!("a StepFailed");
         };
-        assert!(reason.len() <= MAX_REASON_BYTES + 3);
+        assert!(reason.len() <= MAX_REASON_BYTES && reason.ends_with("..."));
+        let abort = FromCoordinator::Abort("x".repeat(5000));
+        let FromCoordinator::Abort(reason) =
+            FromCoordinator::try_from(pb::CoordinatorMessage::from(abort)).unwrap()
+        else {
+            panic!("an Abort");
+        };
+        assert_eq!(reason.len(), MAX_REASON_BYTES);
+        let done = pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::StepDone(pb::StepDone {
+                id: Some(pb::StepId::default()),
+                shards: vec![pb::ShardDone::default(); 2000],
+                ..Default::default()
+            })),
+        };
+        assert_eq!(
+            FromWorker::try_from(done).unwrap_err().to_string(),
+            "StepDone.shards has 2000 entries; at most 1024 are accepted"
+        );
         let configure = pb::CoordinatorMessage {
             kind: Some(pb::coordinator_message::Kind::Configure(pb::Configure {
                 membership_epoch: 1,
@@ -806,6 +1061,85 @@ mod tests {
             })),
         };
         assert!(FromCoordinator::try_from(configure).is_err());
+    }
+
+    #[test]
+    fn join_requests_are_bounded_field_by_field_and_made_printable() {
+        let join = |worker_id: &str, device: &str| pb::JoinRequest {
+            protocol_version: 3,
+            worker_id: worker_id.into(),
+            device: device.into(),
+            ..Default::default()
+        };
+        let err = JoinRequest::try_from(join(&"x".repeat(1_000_000), "cpu")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "JoinRequest.worker_id is 1000000 bytes long; at most 256 are accepted"
+        );
+        let err = JoinRequest::try_from(join("h/pid 1", &"d".repeat(65))).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("JoinRequest.device is 65 bytes"),
+            "{err}"
+        );
+        let forged = "h/pid 1\n2031-01-01T00:00:00Z ERROR forged\x1b[2J\u{202e}";
+        let ok = JoinRequest::try_from(join(forged, "cpu")).unwrap();
+        assert_eq!(
+            ok.worker_id,
+            "h/pid 1\\n2031-01-01T00:00:00Z ERROR forged\\u{1b}[2J\\u{202e}"
+        );
+        assert_eq!(ok.model, None, "no fingerprint: the coordinator's model");
+        let leave = pb::LeaveRequest {
+            member: 3,
+            reason: "bye\r\n".into(),
+        };
+        assert_eq!(Leave::try_from(leave).unwrap().reason, "bye\\r\\n");
+    }
+
+    #[test]
+    fn printable_text_is_kept_and_the_rest_escaped() {
+        assert_eq!(
+            printable("host-1/pid 42 é 日本 \"q\" 'a'"),
+            "host-1/pid 42 é 日本 \"q\" 'a'"
+        );
+        assert_eq!(
+            printable("a\tb\\c\u{0}\u{7f}\u{200b}"),
+            "a\\tb\\\\c\\0\\u{7f}\\u{200b}"
+        );
+        assert_eq!(printable(""), "");
+    }
+
+    #[test]
+    fn a_join_reply_is_checked_before_the_worker_uses_it() {
+        let reply = pb::JoinReply {
+            rank: 0,
+            member: 1,
+            job_config_toml: String::new(),
+            layout: vec![],
+            heartbeat_interval_ms: 500,
+            backend: "grpc".into(),
+            steps_per_epoch: 938,
+        };
+        check_join_reply(&reply).unwrap();
+        let bad = |f: &dyn Fn(&mut pb::JoinReply)| {
+            let mut r = reply.clone();
+            f(&mut r);
+            check_join_reply(&r).unwrap_err().to_string()
+        };
+        assert!(
+            bad(&|r| r.job_config_toml = "#".repeat(MAX_CONFIG_BYTES + 1))
+                .starts_with("JoinReply.job_config_toml is 65537 bytes long")
+        );
+        assert!(bad(&|r| r.layout = vec![pb::TensorSpec::default(); 300])
+            .starts_with("JoinReply.layout has 300 entries"));
+        assert!(bad(&|r| r.heartbeat_interval_ms = 0).contains("heartbeat interval of 0 ms"));
+        assert!(bad(&|r| r.steps_per_epoch = 0).contains("0 steps per epoch"));
+        assert!(bad(&|r| r.layout = vec![pb::TensorSpec {
+            name: "n".repeat(200),
+            shape: vec![],
+            offset: 0
+        }])
+        .starts_with("TensorSpec.name is 200 bytes"));
     }
 
     #[test]

@@ -35,10 +35,10 @@ pub fn read_certificates(path: &Path, what: &str) -> Result<Vec<u8>> {
     Ok(pem)
 }
 
-/// Reads a PEM private key, refusing one that other users can read (as ssh does).
+/// Reads a PEM private key, refusing one that other users can read (as ssh does; see
+/// [`crate::auth::read_secret_file`]).
 pub fn read_private_key(path: &Path, what: &str) -> Result<Vec<u8>> {
-    check_private(path, what)?;
-    let pem = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let pem = crate::auth::read_secret_file(path, what)?;
     PrivateKeyDer::from_pem_slice(&pem).with_context(|| {
         format!(
             "{what} {} holds no PEM private key (`BEGIN PRIVATE KEY`, `BEGIN EC PRIVATE KEY` or `BEGIN RSA PRIVATE KEY`)",
@@ -46,27 +46,6 @@ pub fn read_private_key(path: &Path, what: &str) -> Result<Vec<u8>> {
         )
     })?;
     Ok(pem)
-}
-
-/// Refuses a secret file that users other than its owner and group can read or that others
-/// can write. Group read is allowed: it is an explicit grant, and Kubernetes adds it to every
-/// file of a Secret volume in a pod with an `fsGroup`.
-pub fn check_private(path: &Path, what: &str) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("reading {what} {}", path.display()))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o027 != 0 {
-            bail!(
-                "{what} {} is accessible to other users (mode {mode:04o}); it is a secret: run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// The coordinator's TLS settings, or `None` when it serves plaintext.
@@ -216,8 +195,9 @@ mod tests {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
             let e = read_private_key(&key, "the key").unwrap_err().to_string();
             assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-            check_private(&key, "the key").unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let e = format!("{:#}", read_private_key(&key, "the key").unwrap_err());
+            assert!(e.contains("holds no PEM private key"), "{e}");
         }
         let e = read_certificates(&key, "the certificate")
             .unwrap_err()

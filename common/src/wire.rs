@@ -74,8 +74,8 @@ pub fn layout_from_wire(layout: &[pb::TensorSpec]) -> Vec<TensorSpec> {
 }
 
 /// Splits a serialised state into the chunks that `FetchState`/`PushState` stream, each
-/// tagged with the state's version.
-pub fn state_chunks(bytes: &[u8], state_version: u64) -> Vec<pb::StateChunk> {
+/// tagged with the state's version and (uploads) the uploading member, 0 otherwise.
+pub fn state_chunks(bytes: &[u8], state_version: u64, member: u64) -> Vec<pb::StateChunk> {
     let total = bytes.len() as u64;
     if bytes.is_empty() {
         return vec![pb::StateChunk {
@@ -83,6 +83,7 @@ pub fn state_chunks(bytes: &[u8], state_version: u64) -> Vec<pb::StateChunk> {
             offset: 0,
             data: bytes::Bytes::new(),
             state_version,
+            member,
         }];
     }
     bytes
@@ -93,28 +94,61 @@ pub fn state_chunks(bytes: &[u8], state_version: u64) -> Vec<pb::StateChunk> {
             offset: (i * crate::STATE_CHUNK_BYTES) as u64,
             data: bytes::Bytes::copy_from_slice(c),
             state_version,
+            member,
         })
         .collect()
 }
 
-/// Reassembles streamed state chunks, refusing gaps, overlaps, oversized totals and chunks of
-/// different versions.
-#[derive(Default)]
+/// Reassembles streamed state chunks, refusing gaps, overlaps, totals over the limit, chunks of
+/// other sizes than [`state_chunks`] makes (so a stream has at most one chunk per MiB), and
+/// chunks of different versions or members. Nothing is allocated ahead of the data received.
 pub struct StateAssembler {
+    limit: u64,
     total: Option<u64>,
     version: Option<u64>,
+    member: Option<u64>,
     buf: Vec<u8>,
 }
 
+impl Default for StateAssembler {
+    fn default() -> Self {
+        Self::with_limit(crate::MAX_STATE_BYTES)
+    }
+}
+
 impl StateAssembler {
+    /// An assembler that refuses states larger than `limit` bytes (what the receiver's model
+    /// can take), and in any case larger than [`crate::MAX_STATE_BYTES`].
+    pub fn with_limit(limit: u64) -> Self {
+        Self {
+            limit: limit.min(crate::MAX_STATE_BYTES),
+            total: None,
+            version: None,
+            member: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The member the chunks say they come from (uploads), once a chunk is in.
+    pub fn member(&self) -> Option<u64> {
+        self.member
+    }
+
     /// Adds the next chunk; chunks must arrive in order.
     pub fn push(&mut self, chunk: pb::StateChunk) -> Result<(), String> {
         let total = *self.total.get_or_insert(chunk.total_bytes);
         let version = *self.version.get_or_insert(chunk.state_version);
+        let member = *self.member.get_or_insert(chunk.member);
         if chunk.state_version != version {
             return Err(format!(
                 "state chunk of version {}, earlier chunks were version {version}",
                 chunk.state_version
+            ));
+        }
+        if chunk.member != member {
+            return Err(format!(
+                "state chunk from member {}, earlier chunks from member {member}",
+                chunk.member
             ));
         }
         if chunk.total_bytes != total {
@@ -123,9 +157,11 @@ impl StateAssembler {
                 chunk.total_bytes
             ));
         }
-        if total > crate::MAX_STATE_BYTES {
+        if total > self.limit {
             return Err(format!(
-                "state of {total} bytes is larger than any model Lockstep builds"
+                "a state of {total} bytes is announced; at most {} are accepted (the training state of this \
+                 job's model)",
+                self.limit
             ));
         }
         if chunk.offset != self.buf.len() as u64 {
@@ -135,8 +171,18 @@ impl StateAssembler {
                 self.buf.len()
             ));
         }
-        if self.buf.len() as u64 + chunk.data.len() as u64 > total {
+        let end = self.buf.len() as u64 + chunk.data.len() as u64;
+        if end > total {
             return Err(format!("state chunks exceed the announced {total} bytes"));
+        }
+        let full = chunk.data.len() == crate::STATE_CHUNK_BYTES;
+        if !full && (end != total || (chunk.data.is_empty() && total > 0)) {
+            return Err(format!(
+                "a state chunk of {} bytes at offset {}: every chunk but the last holds {} bytes",
+                chunk.data.len(),
+                chunk.offset,
+                crate::STATE_CHUNK_BYTES
+            ));
         }
         self.buf.extend_from_slice(&chunk.data);
         Ok(())
@@ -164,7 +210,7 @@ mod tests {
         let bytes: Vec<u8> = (0..(crate::STATE_CHUNK_BYTES * 2 + 17))
             .map(|i| i as u8)
             .collect();
-        let chunks = state_chunks(&bytes, 7);
+        let chunks = state_chunks(&bytes, 7, 3);
         assert_eq!(chunks.len(), 3);
         let mut asm = StateAssembler::default();
         for c in chunks.clone() {
@@ -179,6 +225,37 @@ mod tests {
         let mut asm = StateAssembler::default();
         asm.push(chunks[0].clone()).unwrap();
         assert!(asm.finish().is_err());
+    }
+
+    #[test]
+    fn state_streams_are_bounded_in_size_and_in_chunk_count() {
+        let bytes = vec![7u8; crate::STATE_CHUNK_BYTES + 10];
+        let chunks = state_chunks(&bytes, 1, 3);
+
+        let mut asm = StateAssembler::with_limit(bytes.len() as u64 - 1);
+        let err = asm.push(chunks[0].clone()).unwrap_err();
+        assert!(err.contains("at most"), "{err}");
+
+        // Tiny chunks would make a stream of a million messages for a megabyte.
+        let mut asm = StateAssembler::default();
+        let mut tiny = chunks[0].clone();
+        tiny.data = tiny.data.slice(..10);
+        let err = asm.push(tiny).unwrap_err();
+        assert!(err.contains("every chunk but the last"), "{err}");
+
+        let mut asm = StateAssembler::default();
+        asm.push(chunks[0].clone()).unwrap();
+        let mut empty = chunks[1].clone();
+        empty.data = bytes::Bytes::new();
+        assert!(asm.push(empty).is_err(), "an empty chunk before the end");
+
+        let mut asm = StateAssembler::default();
+        asm.push(chunks[0].clone()).unwrap();
+        let mut other = chunks[1].clone();
+        other.member = 4;
+        let err = asm.push(other).unwrap_err();
+        assert!(err.contains("member 4"), "{err}");
+        assert_eq!(asm.member(), Some(3));
     }
 }
 

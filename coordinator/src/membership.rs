@@ -33,7 +33,8 @@ pub struct Member {
     pub last_seen_ms: Arc<AtomicU64>,
 }
 
-/// What a worker says about itself when it joins.
+/// What a worker says about itself when it joins (checked and made printable at the
+/// boundary, [`lockstep_common::protocol::JoinRequest`]).
 pub struct Joining {
     /// Host/pid.
     pub worker_id: String,
@@ -106,15 +107,30 @@ impl Membership {
     /// Marks `id`'s step stream open; refuses an unknown member or a second stream.
     pub fn open_stream(&mut self, id: MemberId) -> Result<Member, String> {
         let Some(m) = self.members.get_mut(&id) else {
-            return Err(format!(
-                "member {id} is not in the job (it was dropped, or never joined): join again"
-            ));
+            return Err(not_a_member(id));
         };
         if m.streaming {
             return Err(format!("rank {} already has a step stream", m.rank));
         }
         m.streaming = true;
         Ok(m.clone())
+    }
+
+    /// `Ok` when `id` is in the job, else why not (for requests only a member may make).
+    pub fn check(&self, id: MemberId) -> Result<(), String> {
+        match self.members.get(&id) {
+            Some(_) => Ok(()),
+            None => Err(not_a_member(id)),
+        }
+    }
+
+    /// `Ok` when `id` is in the job with its step stream open, else why not.
+    pub fn check_streaming(&self, id: MemberId) -> Result<(), String> {
+        match self.members.get(&id) {
+            Some(m) if m.streaming => Ok(()),
+            Some(m) => Err(format!("rank {} has no step stream open", m.rank)),
+            None => Err(not_a_member(id)),
+        }
     }
 
     /// Removes a member; `None` when it was gone already.
@@ -162,6 +178,10 @@ impl Membership {
             None => format!("worker (member {id})"),
         }
     }
+}
+
+fn not_a_member(id: MemberId) -> String {
+    format!("member {id} is not in the job (it was dropped, or never joined): join again")
 }
 
 /// How errors name a member: `worker rank 1 (host/pid 4242 at 127.0.0.1:50230)`.

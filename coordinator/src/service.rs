@@ -1,25 +1,28 @@
 //! The coordinator's gRPC service: admission (`Join`), state transfer (`FetchState`,
 //! `PushState`), leaving (`Leave`) and the per-worker step stream (`Train`). It owns no training
-//! logic: every stream event is converted into the project's types (a message that does not
-//! follow the protocol becomes [`Event::Malformed`], never a panic) and forwarded to the
-//! [`crate::engine`] as an [`Event`].
+//! logic: every request and stream event is converted into the project's checked types (a
+//! message that does not follow the protocol becomes [`Event::Malformed`], never a panic) and
+//! forwarded to the [`crate::engine`] as an [`Event`]. What only a member may do (stream, leave,
+//! upload its state) is refused with an RPC error, and a warning naming the peer's address,
+//! when the caller is not one; a step stream that does not say who it is within the heartbeat
+//! timeout is refused too.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::{Backend, JobConfig};
-use lockstep_common::protocol::{FromWorker, ProtocolError};
+use lockstep_common::protocol::{FromWorker, JoinRequest, Leave, ProtocolError};
 use lockstep_common::wire::{self, pb};
-use lockstep_common::{MAX_WORKER_ID_BYTES, PROTOCOL_VERSION};
+use lockstep_common::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::membership::{Joining, MemberId, Membership};
 
@@ -75,8 +78,10 @@ pub enum Event {
     },
     /// The coordinator was asked to stop (Ctrl-C, SIGTERM).
     Interrupted(&'static str),
-    /// A worker uploaded its state (collective modes).
+    /// A member uploaded its state (collective modes).
     StatePushed {
+        /// The uploading member.
+        member: MemberId,
         /// The version the coordinator asked for (0: after a step marked for upload).
         version: u64,
         /// The serialised state.
@@ -146,6 +151,17 @@ impl Shared {
     pub fn describe(&self, member: MemberId) -> String {
         self.members().describe(member)
     }
+
+    /// Largest state upload accepted: the model's parameters and optimizer state, with room
+    /// for the header and the configuration the serialised form holds.
+    pub fn state_limit(&self) -> u64 {
+        let parameters = lockstep_common::codec::layout_len(&self.layout) as u64;
+        let buffers = lockstep_common::optim::Optimizer::new(self.config.optimizer.clone(), 0)
+            .state()
+            .buffers
+            .len() as u64;
+        parameters * 4 * (1 + buffers) + self.config_toml.len() as u64 + 64 * 1024
+    }
 }
 
 /// The tonic service implementation.
@@ -160,6 +176,14 @@ impl CoordinatorService {
     }
 }
 
+/// The peer's address, for logs.
+fn peer_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown address".into())
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -168,25 +192,12 @@ impl wire::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown address".into());
-        let req = request.into_inner();
+        let peer = peer_of(&request);
         let s = &self.shared;
-        for (what, text) in [
-            ("worker id", &req.worker_id),
-            ("device", &req.device),
-            ("model description", &req.model_description),
-            ("model fingerprint", &req.model_fingerprint),
-        ] {
-            if text.len() > MAX_WORKER_ID_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "the {what} is {} bytes long; at most {MAX_WORKER_ID_BYTES} are accepted",
-                    text.len()
-                )));
-            }
-        }
+        let req = JoinRequest::try_from(request.into_inner()).map_err(|e| {
+            tracing::warn!("refused a join from {peer}: {e}");
+            Status::invalid_argument(format!("join refused: {e}"))
+        })?;
         if req.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(
                 "refused worker {} at {peer}: protocol version {}",
@@ -200,17 +211,14 @@ impl wire::Coordinator for CoordinatorService {
             )));
         }
         let ours = s.config.model_fingerprint();
-        if !req.model_fingerprint.is_empty() && req.model_fingerprint != ours {
+        if let Some((fingerprint, description)) = req.model.as_ref().filter(|m| m.0 != ours) {
             tracing::warn!(
-                "refused worker {} at {peer}: model {}",
-                req.worker_id,
-                req.model_description
+                "refused worker {} at {peer}: model {description}",
+                req.worker_id
             );
             return Err(Status::failed_precondition(format!(
-                "model configuration mismatch: the worker was started for `{}` (fingerprint {}), the job trains `{}` \
-                 (fingerprint {ours}); start the worker without a model setting, or with the job's",
-                req.model_description,
-                req.model_fingerprint,
+                "model configuration mismatch: the worker was started for `{description}` (fingerprint {fingerprint}), \
+                 the job trains `{}` (fingerprint {ours}); start the worker without a model setting, or with the job's",
                 s.config.model.describe()
             )));
         }
@@ -228,10 +236,10 @@ impl wire::Coordinator for CoordinatorService {
             pid: req.pid,
         };
         let now = s.now_ms();
-        let member = s
-            .members()
-            .admit(joining, now)
-            .map_err(Status::resource_exhausted)?;
+        let member = s.members().admit(joining, now).map_err(|why| {
+            tracing::warn!("refused worker {} at {peer}: {why}", req.worker_id);
+            Status::resource_exhausted(why)
+        })?;
         tracing::info!(
             "worker {} ({}) at {peer} joined as rank {}",
             req.worker_id,
@@ -267,7 +275,7 @@ impl wire::Coordinator for CoordinatorService {
                     "state version {version} is not (or no longer) kept; join again"
                 ))
             })?;
-        let chunks = wire::state_chunks(&bytes, version);
+        let chunks = wire::state_chunks(&bytes, version, 0);
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),
         ))))
@@ -279,12 +287,28 @@ impl wire::Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::TrainStream>, Status> {
+        let peer = peer_of(&request);
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
+        // A stream that says nothing holds a task and a connection slot: like a member that
+        // goes silent, it gets the heartbeat timeout to say who it is.
+        let limit = Duration::from_millis(self.shared.config.cluster.heartbeat_timeout_ms as u64);
+        let first = match tokio::time::timeout(limit, inbound.message()).await {
+            Ok(first) => first?,
+            Err(_) => {
+                tracing::warn!(
+                    "refused a step stream from {peer}: no Hello within {:.1}s",
+                    limit.as_secs_f64()
+                );
+                return Err(Status::deadline_exceeded(format!(
+                    "the step stream must start with Hello within {:.1}s (cluster.heartbeat_timeout_ms)",
+                    limit.as_secs_f64()
+                )));
+            }
+        };
+        let first = first
             .ok_or_else(|| Status::invalid_argument("the step stream must start with Hello"))?;
         let Ok(FromWorker::Hello { member }) = FromWorker::try_from(first) else {
+            tracing::warn!("refused a step stream from {peer}: it did not start with Hello");
             return Err(Status::invalid_argument(
                 "the step stream must start with Hello",
             ));
@@ -293,7 +317,10 @@ impl wire::Coordinator for CoordinatorService {
         let last_seen = s
             .members()
             .open_stream(member)
-            .map_err(Status::failed_precondition)?
+            .map_err(|why| {
+                tracing::warn!("refused a step stream from {peer}: {why}");
+                Status::failed_precondition(why)
+            })?
             .last_seen_ms;
         let (tx, rx) = mpsc::channel(64);
         let _ = s.events.send(Event::StreamOpened { member, tx });
@@ -311,6 +338,14 @@ impl wire::Coordinator for CoordinatorService {
                             return;
                         }
                     }
+                    // A message over the size limit is the sender's fault, not the network's.
+                    Some(Err(status))
+                        if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted) =>
+                    {
+                        let error = ProtocolError::Oversized(status.message().to_string());
+                        let _ = s.events.send(Event::Malformed { member, error });
+                        break format!("stream error: {}", status.message());
+                    }
                     Some(Err(status)) => break format!("stream error: {}", status.message()),
                     None => break "the worker closed its stream".to_string(),
                 }
@@ -324,16 +359,38 @@ impl wire::Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::StateChunk>>,
     ) -> Result<Response<pb::PushStateReply>, Status> {
-        let mut inbound = request.into_inner();
-        let mut asm = wire::StateAssembler::default();
-        while let Some(chunk) = inbound.message().await? {
-            asm.push(chunk).map_err(Status::invalid_argument)?;
+        let peer = peer_of(&request);
+        let refuse = |why: String| {
+            tracing::warn!("refused a state upload from {peer}: {why}");
+            Status::failed_precondition(why)
+        };
+        let s = &self.shared;
+        if !s.config.backend.is_collective() {
+            return Err(refuse(format!(
+                "the {} backend takes no state uploads: the coordinator computes its own replica",
+                s.config.backend
+            )));
         }
+        let mut inbound = request.into_inner();
+        let mut asm = wire::StateAssembler::with_limit(s.state_limit());
+        // Who uploads is known from the first chunk: a non-member is refused before its state
+        // is received.
+        while let Some(chunk) = inbound.message().await? {
+            let first = asm.member().is_none();
+            let member = chunk.member;
+            asm.push(chunk).map_err(Status::invalid_argument)?;
+            if first {
+                s.members().check_streaming(member).map_err(&refuse)?;
+            }
+        }
+        let member = asm.member().unwrap_or(0);
+        s.members().check_streaming(member).map_err(&refuse)?;
         let (bytes, version) = asm.finish().map_err(Status::invalid_argument)?;
-        let _ = self
-            .shared
-            .events
-            .send(Event::StatePushed { version, bytes });
+        let _ = s.events.send(Event::StatePushed {
+            member,
+            version,
+            bytes,
+        });
         Ok(Response::new(pb::PushStateReply {}))
     }
 
@@ -341,18 +398,20 @@ impl wire::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveReply>, Status> {
-        let req = request.into_inner();
-        let mut reason = req.reason;
-        if reason.len() > lockstep_common::protocol::MAX_REASON_BYTES {
-            let mut end = lockstep_common::protocol::MAX_REASON_BYTES;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-        }
+        let peer = peer_of(&request);
+        let refuse = |why: String, status: fn(String) -> Status| {
+            tracing::warn!("refused a Leave from {peer}: {why}");
+            status(why)
+        };
+        let leave = Leave::try_from(request.into_inner())
+            .map_err(|e| refuse(e.to_string(), Status::invalid_argument))?;
+        self.shared
+            .members()
+            .check(leave.member)
+            .map_err(|why| refuse(why, Status::failed_precondition))?;
         let _ = self.shared.events.send(Event::Left {
-            member: req.member,
-            reason,
+            member: leave.member,
+            reason: leave.reason,
         });
         Ok(Response::new(pb::LeaveReply {}))
     }

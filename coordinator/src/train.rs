@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::{Position, TrainingState};
 use lockstep_common::config::{self, Backend, JobConfig, Overrides};
+use lockstep_common::memory;
 use lockstep_common::mnist::Mnist;
 use lockstep_common::model::Network;
 use lockstep_common::optim::Optimizer;
@@ -122,6 +123,12 @@ pub async fn run(
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Before anything large is allocated (MNIST, the parameters, the optimizer state).
+    let parameters = lockstep_common::model::parameter_count(&config.model).unwrap_or(u64::MAX);
+    memory::check(
+        &memory::Need::coordinator(&config, parameters, crate::engine::STEPS_IN_FLIGHT),
+        memory::available().as_ref(),
+    )?;
     let run_path = config
         .out
         .clone()

@@ -13,6 +13,8 @@ use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::Backend;
+use lockstep_common::memory;
+use lockstep_common::protocol::Leave;
 use lockstep_common::wire::pb;
 use tonic::transport::ClientTlsConfig;
 
@@ -106,6 +108,12 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
         config.backend
     );
     let member = reply.member;
+    // Before the state and the device's buffers are allocated; the coordinator hears why.
+    let need = memory::Need::worker(&config, network.num_params() as u64);
+    if let Err(e) = memory::check(&need, memory::available().as_ref()) {
+        leave(&client, member, format!("{e:#}")).await;
+        return Err(e);
+    }
     let device = options.device.open()?;
     let len = network.num_params();
     let abort = AbortSignal::default();
@@ -134,6 +142,7 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
         Backend::Nccl => Some(nccl_former(&device, len)?),
     };
     let states = CoordinatorStates {
+        member,
         client: client.clone(),
         runtime: tokio::runtime::Handle::current(),
         layout: network.layout().to_vec(),
@@ -191,7 +200,7 @@ fn ended(outcome: Outcome, steps: u64) -> Result<Ended> {
 /// Tells the coordinator why this worker goes, so its log names the reason; bounded, in case
 /// the coordinator is what is gone.
 async fn leave(client: &Client, member: u64, reason: String) {
-    let request = pb::LeaveRequest { member, reason };
+    let request = pb::LeaveRequest::from(Leave { member, reason });
     let mut client = client.clone();
     let _ = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await;
 }
@@ -213,6 +222,7 @@ async fn steps_or_leave(
 
 /// The coordinator's `FetchState`/`PushState`, called from the compute thread.
 struct CoordinatorStates {
+    member: u64,
     client: Client,
     runtime: tokio::runtime::Handle,
     layout: Vec<TensorSpec>,
@@ -230,7 +240,7 @@ impl StateService for CoordinatorStates {
         let bytes = state.to_bytes(&self.layout, &self.config_toml)?;
         let client = &mut self.client;
         self.runtime
-            .block_on(session::push_state(client, version, &bytes))
+            .block_on(session::push_state(client, self.member, version, &bytes))
     }
 }
 

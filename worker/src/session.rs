@@ -9,6 +9,7 @@ use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::JobConfig;
 use lockstep_common::model::Network;
+use lockstep_common::protocol::{check_join_reply, printable};
 use lockstep_common::wire::{self, pb, CoordinatorClient};
 use lockstep_common::MAX_MESSAGE_BYTES;
 use tonic::service::interceptor::InterceptedService;
@@ -121,7 +122,7 @@ pub async fn join(
             match client.join(request).await {
                 Ok(reply) => Ok((client, reply.into_inner())),
                 Err(status) if status.code() == tonic::Code::Unavailable => {
-                    Err((true, anyhow!("{}", status.message())))
+                    Err((true, anyhow!("{}", printable(status.message()))))
                 }
                 Err(status) if std::error::Error::source(&status).is_some() => {
                     // The connection itself broke: the two ends do not speak the same
@@ -142,7 +143,10 @@ pub async fn join(
                 }
                 Err(status) => Err((
                     false,
-                    anyhow!("the coordinator refused this worker: {}", status.message()),
+                    anyhow!(
+                        "the coordinator refused this worker: {}",
+                        printable(status.message())
+                    ),
                 )),
             }
         };
@@ -168,6 +172,7 @@ pub async fn join(
             }
         }
     };
+    check_join_reply(&reply).context("the coordinator's join reply")?;
     let config = JobConfig::from_toml_str(&reply.job_config_toml)
         .context("the job configuration from the coordinator")?;
     let network = Network::new(&config.model);
@@ -235,10 +240,15 @@ pub async fn fetch_state(
     Ok(state)
 }
 
-/// Uploads this worker's state, tagged with `version` (0: the state after a step the
+/// Uploads admission `member`'s state, tagged with `version` (0: the state after a step the
 /// coordinator marked for upload).
-pub async fn push_state(client: &mut Client, version: u64, bytes: &[u8]) -> Result<()> {
-    let chunks = wire::state_chunks(bytes, version);
+pub async fn push_state(
+    client: &mut Client,
+    member: u64,
+    version: u64,
+    bytes: &[u8],
+) -> Result<()> {
+    let chunks = wire::state_chunks(bytes, version, member);
     client
         .push_state(tokio_stream::iter(chunks))
         .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use lockstep_common::protocol::{FromCoordinator, FromWorker};
+use lockstep_common::protocol::{printable, FromCoordinator, FromWorker};
 use lockstep_common::wire::pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -97,7 +97,10 @@ pub async fn open(
                 Ok(Some(msg)) => msg,
                 Ok(None) => break Outcome::Lost("the coordinator closed the step stream".into()),
                 Err(status) => {
-                    break Outcome::Lost(format!("step stream broke: {}", status.message()))
+                    break Outcome::Lost(format!(
+                        "step stream broke: {}",
+                        printable(status.message())
+                    ))
                 }
             };
             let msg = match FromCoordinator::try_from(msg) {

@@ -49,14 +49,18 @@ impl Engine {
                 }
             }
             Event::Interrupted(signal) => return Err(JobError::Interrupted(signal)),
-            Event::StatePushed { version, bytes } => self.on_pushed(version, bytes)?,
+            Event::StatePushed {
+                member,
+                version,
+                bytes,
+            } => self.on_pushed(member, version, bytes)?,
         }
         Ok(())
     }
 
     fn on_message(&mut self, member: MemberId, msg: FromWorker) -> Result<(), JobError> {
         match msg {
-            FromWorker::Gradient(g) if !self.collective => self.on_gradient(member, g),
+            FromWorker::Gradient(g) if !self.collective => self.on_gradient(member, g)?,
             FromWorker::StepDone(d) if self.collective => self.on_step_done(member, d),
             FromWorker::Digest { id, sha256 } => {
                 if self.collective && self.sources.get(&id.id) == Some(&member) {
@@ -111,15 +115,33 @@ impl Engine {
         }
     }
 
-    fn on_gradient(&mut self, member: MemberId, g: ShardGradient) {
+    /// grpc: a shard gradient. One of a step already finished, or of a shard that is not the
+    /// sender's or is in already, is dropped; one that cannot be (work never sent, another
+    /// length, other samples) drops its sender. A non-finite one drops its sender too and its
+    /// shards are recomputed by the others, unless another member's gradient of the step was
+    /// non-finite as well or nobody is left to recompute it: then the model diverged.
+    fn on_gradient(&mut self, member: MemberId, g: ShardGradient) -> Result<(), JobError> {
+        let malformed = |engine: &mut Self, why: String| {
+            engine.casualties.push((member, Cause::Malformed(why)));
+            Ok(())
+        };
         let id = match self.report_target(g.id) {
             Ok(Some(id)) => id,
-            Ok(None) => return,
-            Err(why) => return self.casualties.push((member, Cause::Malformed(why))),
+            Ok(None) => {
+                tracing::debug!(
+                    "dropping shard {} of {} from {}: the step is finished",
+                    g.shard,
+                    g.id.id,
+                    self.shared.describe(member)
+                );
+                return Ok(());
+            }
+            Err(why) => return malformed(self, why),
         };
         let expected = self.params.len() * 4;
+        let others = self.links.len() > 1;
         let Some(step) = self.inflight.get_mut(id) else {
-            return;
+            return Ok(());
         };
         let Some(slot) = step.slots.get_mut(g.shard as usize) else {
             let why = format!(
@@ -127,14 +149,15 @@ impl Engine {
                 g.shard,
                 step.slots.len()
             );
-            return self.casualties.push((member, Cause::Malformed(why)));
+            return malformed(self, why);
         };
         if slot.owner != member || slot.filled.is_some() {
+            let who = self.shared.describe(member);
             tracing::debug!(
-                "dropping shard {} of {id} from member {member}: not its, or in already",
+                "dropping shard {} of {id} from {who}: not its, or in already",
                 g.shard
             );
-            return;
+            return Ok(());
         }
         let why = if g.data.len() != expected {
             Some(format!(
@@ -153,13 +176,38 @@ impl Engine {
             None
         };
         if let Some(why) = why {
-            return self.casualties.push((member, Cause::Malformed(why)));
+            return malformed(self, why);
+        }
+        if let Err(e) = lockstep_common::codec::check_finite_le(&g.data) {
+            let seen_from_another = step.non_finite.is_some_and(|first| first != member);
+            if seen_from_another || !others {
+                return Err(JobError::Diverged {
+                    reason: format!(
+                        "{} sent shard {} with a non-finite value ({e}){}",
+                        self.shared.describe(member),
+                        g.shard,
+                        if seen_from_another {
+                            ", as another worker did for this step"
+                        } else {
+                            ""
+                        }
+                    ),
+                    at: self.plan.here(id),
+                });
+            }
+            step.non_finite = Some(member);
+            let why = format!(
+                "it sent shard {} of {id} with a non-finite value ({e}); the other workers recompute its shards",
+                g.shard
+            );
+            return malformed(self, why);
         }
         slot.filled = Some(Filled {
             by: member,
             stats: Some(g.stats),
             gradient: Some(g.data),
         });
+        Ok(())
     }
 
     fn on_step_done(&mut self, member: MemberId, d: StepDone) {
@@ -172,9 +220,11 @@ impl Engine {
             return;
         };
         if step.membership != d.id.membership {
+            let who = self.shared.describe(member);
             tracing::debug!(
-                "dropping a report for {id} of membership {}",
-                d.id.membership
+                "dropping a report for {id} of membership {} from {who}: the step's work was sent under membership {}",
+                d.id.membership,
+                step.membership
             );
             return;
         }
@@ -202,23 +252,39 @@ impl Engine {
         step.reports.entry(member).or_insert(d.stats);
     }
 
-    /// A state a worker uploaded: one the coordinator asked for (a regroup), or the state after
-    /// a step marked for it (an epoch end, a checkpoint).
-    fn on_pushed(&mut self, version: u64, bytes: Vec<u8>) -> Result<(), JobError> {
+    /// A state a member uploaded: one the coordinator asked it for (a regroup), or the state
+    /// after a step marked for its upload (an epoch end, a checkpoint). An upload nobody asked
+    /// this member for is ignored, so no other member can replace the coordinator's replica.
+    fn on_pushed(
+        &mut self,
+        member: MemberId,
+        version: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), JobError> {
+        let who = self.shared.describe(member);
         let state = match TrainingState::from_bytes(&self.shared.layout, &bytes) {
             Ok((state, _)) => state,
             Err(e) => {
-                tracing::warn!("ignoring an uploaded state that does not parse: {e:#}");
+                tracing::warn!("ignoring a state uploaded by {who} that does not parse: {e:#}");
                 return Ok(());
             }
         };
         if version != 0 {
-            if self.regroup.awaited_push == Some(version) {
+            if self.regroup.awaited_push == Some((version, member)) {
                 self.regroup.pushed = Some(state);
+            } else {
+                tracing::warn!("ignoring a state of version {version} uploaded by {who}, which was not asked for it");
             }
             return Ok(());
         }
         let at = StepId::new(state.position.epoch, state.position.step);
+        if self.uploaders.get(&at) != Some(&member) {
+            tracing::warn!(
+                "ignoring the state before {} uploaded by {who}, which was not asked for it",
+                self.plan.here(at)
+            );
+            return Ok(());
+        }
         if at <= self.replica_at {
             return Ok(());
         }

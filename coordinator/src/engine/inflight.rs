@@ -55,6 +55,9 @@ pub struct Step {
     pub sent_at: Instant,
     /// The regroup found it applied by the survivors, though not every report came.
     pub forced: bool,
+    /// grpc: the member that sent the first non-finite shard gradient of this step (dropped,
+    /// its shards recomputed by the others; a second one means the model diverged).
+    pub non_finite: Option<MemberId>,
 }
 
 impl Step {
@@ -197,6 +200,7 @@ mod tests {
             reports: BTreeMap::new(),
             sent_at: Instant::now(),
             forced: false,
+            non_finite: None,
         }
     }
 

@@ -51,6 +51,8 @@ use inflight::{InFlight, Slot, Step};
 /// How many steps ahead of the oldest unfinished one the coordinator sends work. (A deeper
 /// queue for NCCL workers, which do not wait on the coordinator, measured no faster on an H100.)
 const PIPELINE_DEPTH: u64 = 2;
+/// Most steps whose work is out at once (what the memory check counts gradients for).
+pub const STEPS_IN_FLIGHT: u64 = PIPELINE_DEPTH + 1;
 /// Test images per evaluation forward pass.
 const EVAL_BATCH: usize = 2000;
 /// How long the state after an epoch may take to arrive from the workers (collective modes).
@@ -144,6 +146,9 @@ pub struct Engine {
     pushed: BTreeMap<StepId, TrainingState>,
     /// Collective modes: accounts of finished checkpoint steps waiting for their state.
     pending_checkpoints: BTreeMap<StepId, EpochAccount>,
+    /// Collective modes: the member asked to upload the state after each marked step, by the
+    /// position after it; an upload from anyone else is ignored.
+    uploaders: BTreeMap<StepId, MemberId>,
     regroup: regroup::Regroup,
     /// Losses found while sending or handling, processed by [`Engine::settle_losses`].
     casualties: Vec<(MemberId, Cause)>,
@@ -218,6 +223,7 @@ impl Engine {
             sources: BTreeMap::new(),
             pushed: BTreeMap::new(),
             pending_checkpoints: BTreeMap::new(),
+            uploaders: BTreeMap::new(),
             regroup: regroup::Regroup::default(),
             casualties: Vec::new(),
             lost: Vec::new(),
@@ -564,6 +570,12 @@ impl Engine {
             self.send(member, FromCoordinator::Work(work));
         }
         slots.sort_by_key(|(k, _)| *k);
+        if let (true, Some(&uploader)) = (mark, members.first()) {
+            self.uploaders.insert(id.next(self.plan.steps), uploader);
+            while self.uploaders.len() > 16 {
+                self.uploaders.pop_first();
+            }
+        }
         if self.collective && digest_due {
             if let Some(&source) = members.first() {
                 self.sources.insert(id, source);
@@ -580,6 +592,7 @@ impl Engine {
             reports: BTreeMap::new(),
             sent_at: std::time::Instant::now(),
             forced: false,
+            non_finite: None,
         });
     }
 

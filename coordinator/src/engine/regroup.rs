@@ -41,8 +41,8 @@ pub struct Regroup {
     /// The pause being answered, and the answers so far.
     pausing: Option<u64>,
     paused: BTreeMap<MemberId, (StepId, String)>,
-    /// The upload asked for, and the state once it came.
-    pub awaited_push: Option<u64>,
+    /// The upload asked for (its version, and who was asked), and the state once it came.
+    pub awaited_push: Option<(u64, MemberId)>,
     /// The state uploaded for [`Regroup::awaited_push`].
     pub pushed: Option<TrainingState>,
     /// The rendezvous awaited: its membership and who creates it.
@@ -137,7 +137,7 @@ impl Engine {
         {
             self.regroup.push_requests += 1;
             let version = self.regroup.push_requests;
-            self.regroup.awaited_push = Some(version);
+            self.regroup.awaited_push = Some((version, source));
             self.regroup.pushed = None;
             self.send(source, FromCoordinator::PushState { version });
             self.settle_losses()?;

@@ -516,6 +516,7 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
     };
     job.events
         .send(Event::StatePushed {
+            member: a.member,
             version,
             bytes: state.to_bytes(&job.shared.layout, "").unwrap(),
         })
@@ -547,6 +548,7 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
     *at.lock().unwrap() = StepId::new(0, 3);
     let layout = job.shared.layout.clone();
     let events = job.events.clone();
+    let uploader_member = a.member;
     let (state_digest_params, state_digest_optimizer) =
         (state.params.clone(), state.optimizer.clone());
     let uploader = tokio::spawn(async move {
@@ -557,6 +559,7 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
                 step: at.step,
             };
             let _ = events.send(Event::StatePushed {
+                member: uploader_member,
                 version,
                 bytes: s.to_bytes(&layout, "").unwrap(),
             });
@@ -592,4 +595,117 @@ async fn a_collective_regroups_around_the_newest_state_when_a_worker_is_lost() {
         (m["samples_covered"].as_u64(), m["samples_applied"].as_u64()),
         (Some(32), Some(32))
     );
+}
+
+#[tokio::test]
+async fn a_non_finite_gradient_from_one_worker_drops_it_and_the_others_recompute_its_shards() {
+    let job = job(Backend::Grpc, 2, 2, 1, 2);
+    let (mut a, mut b) = (job.join(1), job.join(2));
+    let v0 = b.work().await;
+    let FromWorker::Gradient(mut g) = job.gradient(&v0, 0) else {
+        unreachable!()
+    };
+    g.data = Bytes::from(f32::NAN.to_le_bytes().repeat(job.params));
+    job.send(&b, FromWorker::Gradient(g));
+    let reason = serve_grpc(&job, &mut b).await;
+    assert!(
+        reason.contains("non-finite value") && reason.contains("recompute its shards"),
+        "{reason}"
+    );
+    // a computes b's shard of step 1 again (and its later ones), and finishes the job.
+    assert_eq!(serve_grpc(&job, &mut a).await, "training finished");
+    let (result, dir) = job.result().await;
+    result.unwrap();
+    assert_eq!(metrics(&dir)["samples_applied"].as_u64(), Some(32));
+}
+
+#[tokio::test]
+async fn non_finite_gradients_from_two_workers_of_a_step_stop_the_job_as_diverged() {
+    let job = job(Backend::Grpc, 3, 3, 1, 3);
+    let (mut a, mut b, mut c) = (job.join(1), job.join(2), job.join(3));
+    let nan = |fake: &Fake, w: &Work| {
+        let FromWorker::Gradient(mut g) = job.gradient(w, 0) else {
+            unreachable!()
+        };
+        g.data = Bytes::from(f32::INFINITY.to_le_bytes().repeat(job.params));
+        job.send(fake, FromWorker::Gradient(g));
+    };
+    let (w0, v0) = (a.work().await, b.work().await);
+    nan(&a, &w0);
+    nan(&b, &v0);
+    let _ = serve_grpc(&job, &mut c).await;
+    let (result, _dir) = job.result().await;
+    let stopped = result.unwrap_err();
+    assert!(
+        matches!(stopped.error, JobError::Diverged { .. }),
+        "{stopped}"
+    );
+    let text = stopped.to_string();
+    assert!(
+        text.contains("worker rank 1 (test/pid 2") && text.contains("as another worker did"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_state_upload_nobody_asked_for_is_ignored() {
+    let job = job(Backend::Tcp, 2, 2, 1, 2);
+    let (mut a, mut b) = (job.join(1), job.join(2));
+    let network = Network::new(&job.shared.config.model);
+    let optimizer = Optimizer::new(job.shared.config.optimizer.clone(), job.params);
+    let honest = TrainingState {
+        params: network.init_params(job.shared.config.seed),
+        optimizer: optimizer.state().clone(),
+        position: Position { epoch: 1, step: 0 },
+    };
+    let mut poisoned = honest.clone();
+    poisoned.params.iter_mut().for_each(|p| *p = 0.25);
+    let layout = job.shared.layout.clone();
+    // b (rank 1) uploads a state for the end of the epoch; only rank 0 is asked for it.
+    job.events
+        .send(Event::StatePushed {
+            member: b.member,
+            version: 0,
+            bytes: poisoned.to_bytes(&layout, "").unwrap(),
+        })
+        .unwrap();
+    let sha256 = codec::state_digest(&honest.params, &honest.optimizer);
+    let (at_a, at_b) = (
+        Arc::new(Mutex::new(StepId::default())),
+        Arc::new(Mutex::new(StepId::default())),
+    );
+    let (uploads, _asked) = mpsc::unbounded_channel();
+    let rank_0 = a.member;
+    let upload_after_epoch = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if *at_a.lock().unwrap() == StepId::new(1, 0) {
+                job.events
+                    .send(Event::StatePushed {
+                        member: rank_0,
+                        version: 0,
+                        bytes: honest.to_bytes(&layout, "").unwrap(),
+                    })
+                    .unwrap();
+                return;
+            }
+        }
+    };
+    let (ra, rb, ()) = tokio::join!(
+        serve_collective(
+            &job,
+            &mut a,
+            (0, sha256.clone()),
+            at_a.clone(),
+            uploads.clone()
+        ),
+        serve_collective(&job, &mut b, (0, sha256.clone()), at_b, uploads.clone()),
+        upload_after_epoch
+    );
+    assert_eq!(
+        (ra.as_str(), rb.as_str()),
+        ("training finished", "training finished")
+    );
+    let summary = job.result().await.0.unwrap();
+    assert_eq!(summary.params_sha256, codec::digest(&[&honest.params]));
 }

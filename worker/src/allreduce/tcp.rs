@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use lockstep_common::auth::Token;
 use lockstep_common::codec::{self, CodecError};
-use lockstep_common::protocol::{StepId, MAX_SHARDS};
+use lockstep_common::protocol::{printable, StepId, MAX_SHARDS};
 use lockstep_common::reduce::average_in_shard_order;
 
 use super::link::{self, HostTls, Link};
@@ -88,11 +88,13 @@ impl Rendezvous {
             ["tcp2", addr, secret, membership, tls @ ..] if tls.len() <= 1 => Ok(Self {
                 addr: addr
                     .parse()
-                    .with_context(|| format!("the tcp rendezvous address `{addr}`"))?,
+                    .with_context(|| format!("the tcp rendezvous address `{}`", printable(addr)))?,
                 secret: Token::new(*secret)?,
                 membership: membership
                     .parse()
-                    .with_context(|| format!("the tcp rendezvous membership `{membership}`"))?,
+                    .with_context(|| {
+                        format!("the tcp rendezvous membership `{}`", printable(membership))
+                    })?,
                 tls: match tls.first() {
                     None => None,
                     Some(hex) => Some(
@@ -551,7 +553,7 @@ fn read_reply(stream: &mut impl Read) -> Result<String> {
     stream.read_exact(&mut len)?;
     let mut text = vec![0u8; u16::from_le_bytes(len) as usize];
     stream.read_exact(&mut text)?;
-    Ok(String::from_utf8_lossy(&text).into_owned())
+    Ok(printable(&String::from_utf8_lossy(&text)))
 }
 
 /// Header bytes before the shard indices: epoch, step, shards held, shard count.
