@@ -15,14 +15,6 @@ use sha2::{Digest, Sha256};
 /// Names of the built-in presets, in the order the README lists them.
 pub const PRESETS: [&str; 5] = ["softmax", "mlp-sigmoid", "mlp", "mlp-leaky", "cnn"];
 
-/// Widest hidden layer of an `mlp`.
-pub const MAX_HIDDEN_WIDTH: usize = 1 << 16;
-/// Most hidden layers of an `mlp`.
-pub const MAX_HIDDEN_LAYERS: usize = 64;
-/// Most parameters of a model: with Adam's two buffers (12 bytes a parameter) its training
-/// state must fit the largest state a transfer carries ([`crate::MAX_STATE_BYTES`]).
-pub const MAX_PARAMETERS: usize = (crate::MAX_STATE_BYTES / 16) as usize;
-
 /// How gradients are all-reduced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -574,24 +566,6 @@ impl JobConfig {
             bail!(
                 "hidden layer widths must be positive, got {:?}",
                 self.model.hidden
-            );
-        }
-        if let Some(w) = self.model.hidden.iter().find(|&&w| w > MAX_HIDDEN_WIDTH) {
-            bail!("hidden layer width {w} is larger than the {MAX_HIDDEN_WIDTH} supported");
-        }
-        if self.model.hidden.len() > MAX_HIDDEN_LAYERS {
-            bail!(
-                "{} hidden layers; at most {MAX_HIDDEN_LAYERS} are supported",
-                self.model.hidden.len()
-            );
-        }
-        let params = crate::model::Network::new(&self.model).num_params();
-        if params > MAX_PARAMETERS {
-            bail!(
-                "the model `{}` has {params} parameters; at most {MAX_PARAMETERS} are supported (its training \
-                 state must fit in a {} byte state transfer)",
-                self.model.describe(),
-                crate::MAX_STATE_BYTES
             );
         }
         if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {

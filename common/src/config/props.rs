@@ -133,7 +133,11 @@ fn check_valid(cfg: &JobConfig) -> Result<(), TestCaseError> {
     let back = back.unwrap();
     prop_assert_eq!(back.to_toml_string(), text);
     let params = crate::model::Network::new(&cfg.model).num_params();
-    prop_assert!(params <= MAX_PARAMETERS, "{} parameters", params);
+    prop_assert!(
+        params as u64 * 4 <= crate::MAX_STATE_BYTES,
+        "{} parameters",
+        params
+    );
     Ok(())
 }
 
@@ -262,7 +266,10 @@ fn a_model_too_large_to_transfer_is_refused_naming_its_size() {
         ..Overrides::default()
     };
     let err = load_with_env(None, &flags, &[]).unwrap_err().to_string();
-    assert!(err.contains("hidden layer width 100000"), "{err}");
+    assert!(
+        err.contains("parameters") && err.contains("state transfer"),
+        "{err}"
+    );
     let flags = Overrides {
         model: Some("mlp:50000,50000".into()),
         ..Overrides::default()

@@ -25,10 +25,11 @@ fn honest(data: &[u8], cuts: &[Index], version: u64) -> Vec<pb::StateChunk> {
             offset: w[0] as u64,
             data: bytes::Bytes::copy_from_slice(&data[w[0]..w[1]]),
             state_version: version,
+            member: 0,
         })
         .collect();
     if chunks.is_empty() {
-        state_chunks(data, version)
+        state_chunks(data, version, 0)
     } else {
         chunks
     }
@@ -108,6 +109,12 @@ fn expected(chunks: &[pb::StateChunk]) -> Option<(Vec<u8>, u64)> {
         if c.total_bytes != total || c.state_version != version || c.offset != bytes.len() as u64 {
             return None;
         }
+        // Every chunk but the last is full; only an empty state has an empty chunk.
+        let end = c.offset + c.data.len() as u64;
+        let full = c.data.len() == STATE_CHUNK_BYTES;
+        if !full && (end != total || (c.data.is_empty() && total > 0)) {
+            return None;
+        }
         bytes.extend_from_slice(&c.data);
     }
     (bytes.len() as u64 == total).then_some((bytes, version))
@@ -159,7 +166,7 @@ proptest! {
         version in any::<u64>(),
     ) {
         let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
-        let chunks = state_chunks(&data, version);
+        let chunks = state_chunks(&data, version, 0);
         prop_assert_eq!(chunks.len(), len.div_ceil(STATE_CHUNK_BYTES).max(1));
         prop_assert!(chunks.iter().all(|c| c.data.len() <= STATE_CHUNK_BYTES));
         let mut asm = StateAssembler::default();
@@ -179,7 +186,8 @@ fn a_total_beyond_the_limit_is_refused_at_the_first_chunk() {
             offset: 0,
             data: bytes::Bytes::from_static(b"x"),
             state_version: 1,
+            member: 0,
         })
         .unwrap_err();
-    assert!(err.contains("larger than any model"), "{err}");
+    assert!(err.contains("at most"), "{err}");
 }

@@ -131,10 +131,11 @@ proptest! {
         write_reply(&mut out, &text).unwrap();
         let back = read_reply(&mut Cursor::new(&out[..])).unwrap();
         let kept = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
-        prop_assert_eq!(back, String::from_utf8_lossy(kept));
+        // A peer's text comes back escaped, as it reaches errors and logs.
+        prop_assert_eq!(back, printable(&String::from_utf8_lossy(kept)));
         let mut cursor = Cursor::new(&bytes[..]);
         if let Ok(reply) = read_reply(&mut cursor) {
-            prop_assert!(reply.len() <= 3 * bytes.len());
+            prop_assert!(reply.len() <= 10 * bytes.len());
             prop_assert!(cursor.position() >= 2);
         }
     }
