@@ -393,8 +393,17 @@ impl Engine {
 
     /// Drops every member found lost since the last call, and carries on without them.
     pub(super) fn settle_losses(&mut self) -> Result<(), JobError> {
-        while let Some((member, cause)) = self.casualties.pop() {
-            self.lose(member, cause)?;
+        // In the order they were found: a worker's own account (a Leave with its reason) comes
+        // before the closed stream it leaves behind.
+        while !self.casualties.is_empty() {
+            for (member, mut cause) in std::mem::take(&mut self.casualties) {
+                if matches!(cause, Cause::StreamClosed(_) | Cause::Unresponsive(_)) {
+                    if let Some(reason) = self.inbox.take_left(member) {
+                        cause = Cause::Left(reason);
+                    }
+                }
+                self.lose(member, cause)?;
+            }
         }
         Ok(())
     }
