@@ -347,6 +347,23 @@ impl Drop for Fake {
     }
 }
 
+/// A `StepDone` for `work`'s first shard (the fake's own), stamped `id`.
+fn step_done(work: &pb::Work, id: Option<pb::StepId>) -> Kind {
+    let shard = &work.shards[0];
+    Kind::StepDone(pb::StepDone {
+        id,
+        shards: vec![pb::ShardDone {
+            shard: shard.index,
+            samples: shard.count,
+            indices_digest: indices_digest(&shard.indices),
+        }],
+        samples: shard.count,
+        loss_sum: 1.0,
+        correct: 0,
+        compute_ms: 1.0,
+    })
+}
+
 /// The fake's gradient of `work`'s first shard (the fake's own), with `data` as its values.
 fn gradient(work: &pb::Work, data: Bytes) -> Kind {
     let shard = &work.shards[0];
@@ -402,21 +419,7 @@ fn a_step_done_on_a_grpc_job_drops_the_sender_and_the_job_carries_on() {
     a_member_that_sends(
         "step-done",
         "was dropped: it sent a StepDone, which the grpc backend does not use",
-        |work, _| {
-            let shard = &work.shards[0];
-            vec![Kind::StepDone(pb::StepDone {
-                id: work.id,
-                shards: vec![pb::ShardDone {
-                    shard: shard.index,
-                    samples: shard.count,
-                    indices_digest: indices_digest(&shard.indices),
-                }],
-                samples: shard.count,
-                loss_sum: 1.0,
-                correct: 0,
-                compute_ms: 1.0,
-            })]
-        },
+        |work, _| vec![step_done(work, work.id)],
     );
 }
 
@@ -529,22 +532,11 @@ fn a_report_of_an_earlier_membership_is_dropped_and_its_sender_stays_in_the_job(
         let work = fake.work().await;
         let id = work.id.expect("work has its step id");
         let stale = id.membership_epoch - 1;
-        let shard = &work.shards[0];
-        fake.send(Kind::StepDone(pb::StepDone {
-            id: Some(pb::StepId {
-                membership_epoch: stale,
-                ..id
-            }),
-            shards: vec![pb::ShardDone {
-                shard: shard.index,
-                samples: shard.count,
-                indices_digest: indices_digest(&shard.indices),
-            }],
-            samples: shard.count,
-            loss_sum: 1.0,
-            correct: 0,
-            compute_ms: 1.0,
-        }));
+        let stamp = pb::StepId {
+            membership_epoch: stale,
+            ..id
+        };
+        fake.send(step_done(&work, Some(stamp)));
         fake.stays_for(Duration::from_secs(1)).await;
         fake.leave("probe finished").await;
         stale
