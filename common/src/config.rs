@@ -806,10 +806,11 @@ pub struct Overrides {
 }
 
 /// Environment variables that start with `LOCKSTEP_` but are not configuration keys.
-const NON_CONFIG_ENV: [&str; 6] = [
+const NON_CONFIG_ENV: [&str; 7] = [
     "LOCKSTEP_TOKEN",
     "LOCKSTEP_TOKEN_FILE",
     "LOCKSTEP_LOG",
+    crate::logging::FORMAT_ENV,
     "LOCKSTEP_CUDA_TESTS",
     "LOCKSTEP_REJOIN_TIMEOUT",
     "LOCKSTEP_RUN_NAME",

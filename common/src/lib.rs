@@ -10,6 +10,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod logging;
 pub mod memory;
 pub mod mnist;
 pub mod model;
@@ -21,19 +22,6 @@ pub mod schedule;
 pub mod testing;
 pub mod tls;
 pub mod wire;
-
-/// Logs to stderr at `RUST_LOG`'s level (default `info`), with colours only on a terminal so
-/// files, pipes and container logs get plain lines. Both binaries call it first thing.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
 
 /// Keeps freed memory inside the process. Every training step allocates and frees buffers of
 /// hundreds of kilobytes (inputs, activations, gradients); with glibc's defaults each one is a

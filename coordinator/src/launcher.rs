@@ -224,6 +224,9 @@ fn start(
         .env_remove("LOCKSTEP_TLS__CERT")
         .env_remove("LOCKSTEP_TLS__KEY")
         .env_remove("LOCKSTEP_TLS__CA")
+        // A local worker's log is a file for people debugging the job: plain, detailed lines,
+        // whatever the coordinator's own output is.
+        .env(lockstep_common::logging::FORMAT_ENV, "plain")
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

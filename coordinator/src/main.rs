@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use lockstep_common::config::{self, Overrides};
+use lockstep_common::logging::{self, LogArgs};
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_coordinator::certs;
 use lockstep_coordinator::train::{self, Workers};
@@ -24,6 +25,8 @@ use lockstep_coordinator::train::{self, Workers};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -200,11 +203,11 @@ struct TrainArgs {
 fn main() -> ExitCode {
     lockstep_common::tune_allocator();
     let cli = Cli::parse();
-    lockstep_common::init_logging();
+    let out = logging::init(&cli.log);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::report_error(&out, &e);
             ExitCode::FAILURE
         }
     }

@@ -1,10 +1,11 @@
-//! Progress of long work: a bar per epoch with samples/s and loss on a terminal, plain log
-//! lines (every tenth of an epoch) when stderr is not a terminal.
+//! Progress of long work: a bar per epoch with samples/s and loss for a person at a terminal,
+//! `progress` events (every tenth of an epoch) in plain and JSON logs.
 
 use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use lockstep_common::logging;
 
 /// Progress display for one epoch.
 pub struct EpochProgress {
@@ -19,16 +20,18 @@ pub struct EpochProgress {
 impl EpochProgress {
     /// Starts the display for epoch `epoch` (from 1) of `epochs`, with `steps` steps.
     pub fn start(epoch: u64, epochs: u64, steps: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (logging::output().for_people() && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(steps);
             bar.set_style(
                 ProgressStyle::with_template(
-                    "epoch {prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise} {msg}",
+                    // The bar takes what the terminal has left, so the line never wraps.
+                    "epoch {prefix} [{wide_bar}] {pos}/{len}  {msg}  eta {eta}",
                 )
                 .expect("valid template")
                 .progress_chars("=> "),
             );
             bar.set_prefix(format!("{epoch}/{epochs}"));
+            logging::hold_bar(Some(bar.clone()));
             bar
         });
         Self {
@@ -65,12 +68,25 @@ impl EpochProgress {
             Some(bar) => {
                 if done.is_multiple_of(16) || done == self.steps {
                     bar.set_position(done);
-                    bar.set_message(format!("{rate:.0} samples/s loss {loss:.4} {membership}"));
+                    let mut msg = format!("{} samples/s  loss {loss:.4}", logging::rate(rate));
+                    if changes > 0 {
+                        msg.push_str(&format!("  {membership}"));
+                    }
+                    bar.set_message(msg);
                 }
             }
             None => {
                 if done >= self.next_log {
                     tracing::info!(
+                        event = "progress",
+                        epoch = self.epoch,
+                        epochs = self.epochs,
+                        step = done,
+                        steps = self.steps,
+                        samples_per_second = rate,
+                        train_loss = loss,
+                        workers,
+                        membership_changes = changes,
                         "epoch {}/{} step {done}/{} {rate:.0} samples/s loss {loss:.4} {membership}",
                         self.epoch,
                         self.epochs,
@@ -87,6 +103,7 @@ impl EpochProgress {
     /// Ends the display.
     pub fn finish(self) {
         if let Some(bar) = self.bar {
+            logging::hold_bar(None);
             bar.finish_and_clear();
         }
     }

@@ -241,6 +241,11 @@ impl wire::Coordinator for CoordinatorService {
             Status::resource_exhausted(why)
         })?;
         tracing::info!(
+            event = "joined",
+            rank = member.rank,
+            worker_id = %req.worker_id,
+            device = %req.device,
+            peer = %peer,
             "worker {} ({}) at {peer} joined as rank {}",
             req.worker_id,
             req.device,

@@ -14,7 +14,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::{Position, TrainingState};
-use lockstep_common::config::{self, Backend, JobConfig, Overrides};
+use lockstep_common::config::{self, Backend, JobConfig, OptimizerKind, Overrides};
+use lockstep_common::logging::{self, Format};
 use lockstep_common::memory;
 use lockstep_common::mnist::Mnist;
 use lockstep_common::model::Network;
@@ -26,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::engine::{Engine, EpochAccount, Start};
 use crate::launcher::{LocalWorkers, SpawnSpec};
 use crate::membership::Membership;
-use crate::run_dir::{default_run_path, RunDir, Summary};
+use crate::run_dir::{default_run_path, EpochMetrics, RunDir, Summary};
 use crate::service::{Event, Shared, StateStore};
 
 /// How the workers come to the job.
@@ -135,11 +136,13 @@ pub async fn run(
         .unwrap_or_else(|| default_run_path(&config.preset));
     config.out = Some(run_path.clone());
     let config_toml = config.to_toml_string();
-    eprintln!("# effective configuration\n{config_toml}");
+    let threads = worker_threads(&config);
+    show_configuration(&config, &config_toml, local_workers(&workers), threads);
 
     let data_started = Instant::now();
     let data = Arc::new(Mnist::load_or_download(config.data_dir.as_deref())?);
     tracing::info!(
+        detail = true,
         "loaded MNIST ({} training, {} test images) in {:.2}s",
         data.train_len(),
         data.test_len(),
@@ -196,14 +199,6 @@ pub async fn run(
 
     let signals = tokio::spawn(forward_signals(events_tx.clone()));
     let spawned = if local && !done {
-        let threads = if config.threads > 0 {
-            config.threads
-        } else {
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1) as u32;
-            (cores / config.workers).max(1)
-        };
         let spec = SpawnSpec {
             count: config.workers as usize,
             coordinator: format!("{scheme}://127.0.0.1:{}", local_addr.port()),
@@ -219,6 +214,7 @@ pub async fn run(
             max_restarts: config.max_restarts,
         };
         tracing::info!(
+            detail = true,
             "spawned {} local workers ({threads} compute thread(s) each, up to {} restarts), logs in {}",
             config.workers,
             config.max_restarts,
@@ -252,14 +248,167 @@ pub async fn run(
     // A frozen peer never closes its connection; do not let it hold the exit for long.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server).await;
     let summary = result?;
-    tracing::info!(
-        "done in {:.1}s: test accuracy {:.2}%, {:.0} samples/s; run directory {}",
+    let epochs = RunDir::metrics_of(&run_path).unwrap_or_default();
+    report_done(
+        &summary,
+        &epochs,
         started.elapsed().as_secs_f64(),
-        summary.test_accuracy * 100.0,
-        summary.samples_per_second,
-        run_path.display()
+        &run_path,
     );
     Ok(Outcome::Trained(summary))
+}
+
+/// Whether the job spawns its workers.
+fn local_workers(workers: &Workers) -> bool {
+    matches!(workers, Workers::Local)
+}
+
+/// Compute threads per local worker: `threads`, or the cores shared among the workers.
+fn worker_threads(config: &JobConfig) -> u32 {
+    if config.threads > 0 {
+        return config.threads;
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u32;
+    (cores / config.workers.max(1)).max(1)
+}
+
+/// The job as it starts: for a person, a short header (the whole configuration with `-v`); in
+/// plain logs the effective configuration as TOML, as it is saved in the run directory; in
+/// JSON one `config` event holding it.
+fn show_configuration(config: &JobConfig, config_toml: &str, local: bool, threads: u32) {
+    let out = logging::output();
+    match out.format {
+        _ if out.quiet => {}
+        Format::Human => {
+            let mut text = header(config, local, threads, &out);
+            if out.verbose > 0 {
+                text.push_str(&format!("\n# effective configuration\n{config_toml}"));
+            }
+            text.push('\n');
+            logging::write_stderr(text.as_bytes());
+        }
+        Format::Plain => {
+            logging::write_stderr(format!("# effective configuration\n{config_toml}\n").as_bytes())
+        }
+        Format::Json => tracing::info!(
+            event = "config",
+            config = config_toml,
+            "effective configuration"
+        ),
+    }
+}
+
+/// The header a person sees: the job, its workers, the backend, the device and the run
+/// directory.
+fn header(config: &JobConfig, local: bool, threads: u32, out: &logging::Output) -> String {
+    let label = |l: &str| logging::paint(out, "1", &format!("{l:<8}"));
+    let optimizer = match config.optimizer.kind {
+        OptimizerKind::Sgd => format!("sgd lr {}", config.optimizer.lr),
+        OptimizerKind::Adam => format!("adam lr {}", config.optimizer.lr),
+    };
+    let workers = if local {
+        format!(
+            "{} local ({threads} thread{} each)",
+            config.workers,
+            if threads == 1 { "" } else { "s" }
+        )
+    } else {
+        format!("{} external, on {}", config.workers, config.listen)
+    };
+    let device = match config.backend {
+        Backend::Nccl => "cuda",
+        Backend::Grpc | Backend::Tcp => "cpu",
+    };
+    let run = config
+        .out
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} {} (preset {}), {optimizer}, batch {}, {} epoch{}\n{} {workers}, backend {}, device {device}\n{} {run}",
+        label("job"),
+        config.model.describe(),
+        config.preset,
+        config.batch_size,
+        config.epochs,
+        if config.epochs == 1 { "" } else { "s" },
+        label("workers"),
+        config.backend,
+        label("run"),
+    )
+}
+
+/// The end of a job: for a person, a table of the epochs and what to do next; for everyone
+/// (even `-q`), the final line.
+fn report_done(summary: &Summary, epochs: &[EpochMetrics], wall_seconds: f64, run_path: &Path) {
+    let out = logging::output();
+    let best = epochs
+        .iter()
+        .max_by(|a, b| a.test_accuracy.total_cmp(&b.test_accuracy));
+    let best_accuracy = best.map_or(summary.test_accuracy, |m| m.test_accuracy);
+    let best_epoch = best.map_or(summary.epochs, |m| m.epoch);
+    if out.for_people() && !epochs.is_empty() {
+        logging::write_stderr(epoch_table(epochs, &out).as_bytes());
+    }
+    tracing::info!(
+        target: logging::SUMMARY,
+        event = "done",
+        epochs = summary.epochs,
+        test_accuracy = summary.test_accuracy,
+        best_test_accuracy = best_accuracy,
+        best_epoch,
+        test_loss = summary.test_loss,
+        samples_per_second = summary.samples_per_second,
+        wall_seconds,
+        run_dir = %run_path.display(),
+        "done in {}: test accuracy {:.2}% (best {:.2}%, epoch {best_epoch}), {} samples/s; run directory {}",
+        logging::duration(wall_seconds),
+        summary.test_accuracy * 100.0,
+        best_accuracy * 100.0,
+        logging::rate(summary.samples_per_second),
+        run_path.display()
+    );
+    if out.for_people() {
+        let d = run_path.display();
+        let next = format!(
+            "{}\n  {d}/model.safetensors   the model, with PyTorch's parameter names (README: Presets)\n  \
+             {d}/metrics.jsonl       the epochs, one JSON object each\n  \
+             {d}/logs/               the workers' logs\n",
+            logging::paint(&out, "1", "next"),
+        );
+        logging::write_stderr(next.as_bytes());
+    }
+}
+
+/// The epochs as a table for people.
+fn epoch_table(epochs: &[EpochMetrics], out: &logging::Output) -> String {
+    let mut table = format!(
+        "\n{}\n",
+        logging::paint(
+            out,
+            "1",
+            &format!(
+                "{:>5}  {:>10}  {:>9}  {:>8}  {:>8}  {:>9}  {:>7}",
+                "epoch", "train loss", "test loss", "test acc", "time", "samples/s", "workers"
+            )
+        )
+    );
+    for m in epochs {
+        table.push_str(&format!(
+            "{:>5}  {:>10.4}  {:>9.4}  {:>7.2}%  {:>8}  {:>9}  {:>7}\n",
+            m.epoch,
+            m.train_loss,
+            m.test_loss,
+            m.test_accuracy * 100.0,
+            logging::duration(m.epoch_seconds),
+            logging::rate(m.samples_per_second),
+            m.workers,
+        ));
+    }
+    table.push('\n');
+    table
 }
 
 /// What local workers of a TLS coordinator trust and present.

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lockstep_common::auth::Token;
 use lockstep_common::config::{self, Overrides};
+use lockstep_common::logging::{self, LogArgs};
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_common::PROTOCOL_VERSION;
 use lockstep_worker::device::DeviceSpec;
@@ -71,6 +72,8 @@ struct Args {
     /// Protocol version to announce; only for testing the coordinator's refusal.
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> ExitCode {
@@ -80,11 +83,11 @@ fn main() -> ExitCode {
         // candle's CPU kernels read the thread count from here; set before any thread starts.
         std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
     }
-    lockstep_common::init_logging();
+    let out = logging::init(&args.log);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::report_error(&out, &e);
             ExitCode::FAILURE
         }
     }

@@ -76,7 +76,11 @@ pub async fn run(options: Options) -> Result<()> {
         sessions += 1;
         match train(&options, joined).await? {
             Ended::Finished(steps) => {
-                tracing::info!("training finished after {steps} steps");
+                tracing::info!(
+                    event = "finished",
+                    steps,
+                    "training finished after {steps} steps"
+                );
                 return Ok(());
             }
             Ended::Lost(why) if !options.rejoin_timeout.is_zero() => {
@@ -100,6 +104,11 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
         network,
     } = joined;
     tracing::info!(
+        event = "joined",
+        rank = reply.rank,
+        worker_id = %session::worker_id(),
+        device = %options.device,
+        backend = %config.backend,
         "joined as rank {} ({}): {} on {}, {} backend",
         reply.rank,
         session::worker_id(),

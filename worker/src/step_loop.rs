@@ -89,6 +89,11 @@ impl StepTimes {
         }
         let per = |s: f64| s * 1000.0 / self.steps as f64;
         tracing::info!(
+            event = "step_times",
+            steps = self.steps,
+            compute_ms = per(self.compute_s),
+            allreduce_wait_ms = per(self.wait_s),
+            apply_ms = per(self.apply_s),
             "{} steps: {:.3} ms/step computing gradients, {:.3} ms/step waiting for the all-reduce, {:.3} ms/step applying it",
             self.steps,
             per(self.compute_s),
@@ -204,6 +209,10 @@ impl Loop {
             self.state.load(&st, replica)?;
             self.next = StepId::new(st.position.epoch, st.position.step);
             tracing::info!(
+                event = "state",
+                epoch = self.next.epoch + 1,
+                step = self.next.step + 1,
+                state_version = version,
                 "adopted the job's state at {} (state version {version})",
                 self.next
             );
@@ -237,6 +246,10 @@ impl Loop {
             Ok(reduce) => {
                 self.reduce = Some(reduce);
                 tracing::info!(
+                    event = "collective",
+                    rank = c.rank,
+                    world = c.world,
+                    membership = c.membership,
                     "{} collective ready: rank {} of {} (membership {})",
                     self.config.backend,
                     c.rank,

@@ -344,6 +344,9 @@ impl Engine {
                 let position = self.ranked().iter().position(|m| *m == member).unwrap_or(0);
                 self.configure(member, position as u32, world, Some(version));
                 tracing::info!(
+                    event = "worker_joined",
+                    worker = %who,
+                    workers = self.links.len(),
                     "{who} joined during {}; {} workers",
                     self.plan.here(self.next),
                     self.links.len()
@@ -450,6 +453,9 @@ impl Engine {
             });
         }
         tracing::warn!(
+            event = "worker_lost",
+            worker = %who,
+            workers = left,
             "{who} {cause} during {}; carrying on with {left} worker(s)",
             self.plan.here(self.next)
         );

@@ -817,19 +817,20 @@ impl Engine {
         };
         self.run.append_metrics(&m)?;
         tracing::info!(
-            "epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.2}%, {:.2}s, {:.0} samples/s, {} worker(s){}",
-            m.epoch,
-            self.plan.epochs,
-            m.train_loss,
-            m.test_loss,
-            m.test_accuracy * 100.0,
-            m.epoch_seconds,
-            m.samples_per_second,
-            m.workers,
-            match m.membership_changes {
-                0 => String::new(),
-                n => format!(", {n} membership change(s)"),
-            }
+            event = "epoch",
+            epoch = m.epoch,
+            epochs = self.plan.epochs,
+            train_loss = m.train_loss,
+            train_accuracy = m.train_accuracy,
+            test_loss = m.test_loss,
+            test_accuracy = m.test_accuracy,
+            epoch_seconds = m.epoch_seconds,
+            samples_per_second = m.samples_per_second,
+            eval_seconds = m.eval_seconds,
+            workers = m.workers,
+            membership_changes = m.membership_changes,
+            "{}",
+            m.line(self.plan.epochs)
         );
         if m.samples_covered != self.plan.n_train as u64
             || m.samples_applied != self.plan.n_train as u64
