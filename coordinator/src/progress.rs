@@ -101,8 +101,14 @@ impl EpochProgress {
     }
 
     /// Ends the display.
-    pub fn finish(self) {
-        if let Some(bar) = self.bar {
+    pub fn finish(self) {}
+}
+
+impl Drop for EpochProgress {
+    /// Clears the bar however the epoch ends (an error included), so that later lines are not
+    /// written around a bar that is gone.
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
             logging::hold_bar(None);
             bar.finish_and_clear();
         }
