@@ -13,9 +13,9 @@
 #                                lockstep-ci/rust-toolchain:<version>-slim-<release>); and on
 #                                top, the crates Cargo.lock names (`cargo vendor`, run here),
 #                                with $CARGO_HOME/config.toml pointing cargo at them: a
-#                                container build on this machine cannot reach crates.io (its
-#                                TLS is not trusted inside), so this stand-in carries the
-#                                crates instead, and the Dockerfile stays the one users build.
+#                                container build on this machine cannot fetch from crates.io,
+#                                so this stand-in carries the crates instead, and the
+#                                Dockerfile stays the one users build.
 #
 # The tags are the ones the Dockerfile's FROM lines name, read from its ARGs. What is already
 # present is left alone, so a rerun costs a second; only a changed Cargo.lock remakes the crates
