@@ -173,8 +173,11 @@ test_image() {
   echo "  user 10001; lockstep $version and lockstep-worker $version"
   docker run --rm "$IMAGE" ldd /usr/local/bin/lockstep /usr/local/bin/lockstep-worker >"$WORK/ldd.txt"
   if grep 'not found' "$WORK/ldd.txt"; then echo "the image lacks libraries its binaries load"; return 1; fi
-  docker run --rm "$IMAGE" lockstep train --help | grep -q -- --external-workers
-  docker run --rm "$IMAGE" lockstep check-config --epochs 1 | grep -q '^epochs = 1$'
+  # (Into files first: `grep -q` would close the pipe before docker had written everything.)
+  docker run --rm "$IMAGE" lockstep train --help >"$WORK/train-help.txt"
+  grep -q -- --external-workers "$WORK/train-help.txt" || { echo "\`lockstep train --help\` lacks --external-workers"; return 1; }
+  docker run --rm "$IMAGE" lockstep check-config --epochs 1 >"$WORK/check-config.txt"
+  grep -q '^epochs = 1$' "$WORK/check-config.txt" || { echo "\`lockstep check-config --epochs 1\` does not say epochs = 1"; return 1; }
 
   # A coordinator waiting for its workers, as in compose (read-only, no capabilities), with
   # `lockstep health` as its Docker health check.
