@@ -15,7 +15,9 @@
 #   dockerfile-lint  hadolint (from PyPI) on deploy/docker/Dockerfile and Dockerfile.cuda, the
 #                    latter only linted: its NVIDIA base images cannot be made here
 #   compose-train    docker compose with 2 workers trains one epoch of `mlp` on the real MNIST
-#                    and reaches >= 95% test accuracy (read from the run directory)
+#                    and reaches >= 95% test accuracy (read from the run directory); every
+#                    line the services log is a JSON object, and the coordinator's epoch event
+#                    carries metrics.jsonl's accuracy
 #   compose-train-tcp  the same with --backend tcp: the workers all-reduce with each other
 #                    across containers (rank 0's address comes through the coordinator)
 #   compose-kill     a worker's process crashes (kill -9) mid-run: the job carries on, the
@@ -261,9 +263,22 @@ test_compose_train() {
     grep -F 'listens for the other ranks' "$WORK/train-$name.log" | grep -F '(TLS)' >/dev/null ||
       { echo "the workers' tcp links were not TLS"; return 1; }
   fi
-  python3 - "$runs" "${LOCKSTEP_USER:-10001}" "$backend" <<'PY'
-import glob, json, os, sys
-runs, user, backend = sys.argv[1], int(sys.argv[2].split(":")[0]), sys.argv[3]
+  python3 - "$runs" "${LOCKSTEP_USER:-10001}" "$backend" "$WORK/train-$name.log" <<'PY'
+import glob, json, os, re, sys
+runs, user, backend, log = sys.argv[1], int(sys.argv[2].split(":")[0]), sys.argv[3], sys.argv[4]
+# The services log JSON (LOCKSTEP_LOG_FORMAT=json in the compose file): every line one object.
+events = []
+for line in open(log, errors="replace"):
+    found = re.match(r"^((?:coordinator|worker)[-_0-9]*)\s*\|\s?(.*)$", line.rstrip("\n"))
+    if not found or not found.group(2).strip():
+        continue
+    try:
+        events.append((found.group(1), json.loads(found.group(2))))
+    except ValueError:
+        raise AssertionError(f"a log line of {found.group(1)} is not JSON: {found.group(2)!r}")
+assert any(s.startswith("coordinator") for s, _ in events), f"no coordinator log lines in {log}"
+assert any(s.startswith("worker") for s, _ in events), f"no worker log lines in {log}"
+epoch_events = [e for s, e in events if e.get("event") == "epoch"]
 dirs = glob.glob(f"{runs}/*/metrics.jsonl")
 assert len(dirs) == 1, f"expected one run directory with metrics.jsonl in {runs}, found {dirs}"
 run = dirs[0].rsplit("/", 1)[0]
@@ -282,7 +297,10 @@ for f in ("config.toml", "summary.json", "model.safetensors"):
     assert glob.glob(f"{run}/{f}"), f"{run} lacks {f}"
 owner = os.stat(f"{run}/model.safetensors").st_uid
 assert owner == user, f"the run directory was written by uid {owner}, expected the container user {user}"
+assert [e["test_accuracy"] for e in epoch_events] == [m["test_accuracy"]], \
+    f"the coordinator's epoch event does not carry metrics.jsonl's accuracy: {epoch_events}"
 acc = m["test_accuracy"]
+print(f"  {len(events)} log lines, each a JSON object; the epoch event's accuracy is metrics.jsonl's")
 print(f"  test_accuracy {acc:.4f} after 1 epoch of mlp with 2 container workers ({backend}) "
       f"({m['samples_per_second']:.0f} samples/s, {m['epoch_seconds']:.1f} s)")
 assert acc >= 0.95, f"test accuracy {acc:.4f} < 0.95"
