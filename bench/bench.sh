@@ -82,7 +82,8 @@ PY
 printf '%-4s %-22s %12s %10s %9s %8s %28s\n' run system samples/s accuracy train_s wall_s "ms/step compute/wait/apply"
 for i in $(seq 1 "$runs"); do
   start=$(date +%s.%N)
-  "$bin/lockstep" train --preset "$preset" "${model_args[@]}" --epochs "$epochs" --batch-size "$batch" \
+  LOCKSTEP_TRAIN_SAMPLES=$train_samples \
+    "$bin/lockstep" train --preset "$preset" "${model_args[@]}" --epochs "$epochs" --batch-size "$batch" \
     --workers "$workers" --backend "$backend" --data-dir "$data" --out "$work/run$i" "${tls[@]}" \
     --log-format plain 2>"$work/log$i" </dev/null \
     || { cat "$work/log$i"; exit 1; }
