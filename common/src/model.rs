@@ -145,7 +145,15 @@ impl Network {
                 let h = x.reshape((n, 1, 28, 28))?;
                 let h = conv(&h, &params[0], &params[1])?;
                 let h = conv(&h, &params[2], &params[3])?;
-                let h = h.max_pool2d(2)?.flatten_from(1)?;
+                // A 2x2 max-pool as two max reductions: candle's `max_pool2d` backward scales
+                // the gradient by the share of tied maxima (a quarter for a unique maximum),
+                // a reduction's routes all of it to the maximum, as PyTorch's max-pool does.
+                let (c, h_side, w_side) = (h.dim(1)?, h.dim(2)?, h.dim(3)?);
+                let h = h
+                    .reshape((n, c, h_side / 2, 2, w_side / 2, 2))?
+                    .max(5)?
+                    .max(3)?
+                    .flatten_from(1)?;
                 let h = linear(&h, &params[4], &params[5])?.relu()?;
                 linear(&h, &params[6], &params[7])
             }
@@ -633,6 +641,47 @@ mod tests {
             );
             assert_eq!(sa.correct, sb.correct);
         }
+    }
+
+    /// The gradient is the loss's derivative (a finite difference along the convolutions'
+    /// gradient): candle's own `max_pool2d` backward gives a quarter of it.
+    #[test]
+    fn the_cnn_gradient_is_the_derivative_of_the_loss() {
+        let net = Network::new(&JobConfig::preset("cnn").unwrap().model);
+        let flat = net.init_params(11);
+        let pixels: Vec<u8> = (0..4 * IMAGE_PIXELS)
+            .map(|i| if i % 5 < 2 { 0 } else { (i * 13 % 256) as u8 })
+            .collect();
+        let (x, y) =
+            batch_tensors(&pixels, &[0, 7, 4, 1], true, &Device::Cpu, &mut Vec::new()).unwrap();
+        let loss = |flat: &[f32]| {
+            let params = net.tensors_from_flat(flat, &Device::Cpu).unwrap();
+            let logits = net.forward(&params, &x).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            4.0 * loss.to_scalar::<f32>().unwrap() as f64
+        };
+        let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
+        let g = r.gradient(&x, &y).unwrap().0.to_vec().unwrap();
+        // Along the conv layers' gradient only (conv1 and conv2, weights and biases).
+        let convs = 0..net.layout()[4].offset;
+        let norm = g[convs.clone()]
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let eps = 1e-2;
+        let moved = |sign: f64| {
+            let mut f = flat.clone();
+            for i in convs.clone() {
+                f[i] += (sign * eps * g[i] as f64 / norm) as f32;
+            }
+            loss(&f)
+        };
+        let slope = (moved(1.0) - moved(-1.0)) / (2.0 * eps);
+        assert!(
+            (slope - norm).abs() < 0.05 * norm,
+            "finite difference {slope}, gradient norm {norm}"
+        );
     }
 
     #[test]
