@@ -13,6 +13,8 @@ use crate::codec::{layout_len, pack_layout, TensorSpec};
 use crate::config::{Activation, ModelConfig, ModelKind};
 use crate::mnist::IMAGE_PIXELS;
 
+mod cnn;
+
 /// Number of classes.
 pub const CLASSES: usize = 10;
 
@@ -145,7 +147,15 @@ impl Network {
                 let h = x.reshape((n, 1, 28, 28))?;
                 let h = conv(&h, &params[0], &params[1])?;
                 let h = conv(&h, &params[2], &params[3])?;
-                let h = h.max_pool2d(2)?.flatten_from(1)?;
+                // A 2x2 max-pool as two max reductions: candle's `max_pool2d` backward scales
+                // the gradient by the share of tied maxima (a quarter for a unique maximum),
+                // a reduction's routes all of it to the maximum, as PyTorch's max-pool does.
+                let (c, h_side, w_side) = (h.dim(1)?, h.dim(2)?, h.dim(3)?);
+                let h = h
+                    .reshape((n, c, h_side / 2, 2, w_side / 2, 2))?
+                    .max(5)?
+                    .max(3)?
+                    .flatten_from(1)?;
                 let h = linear(&h, &params[4], &params[5])?.relu()?;
                 linear(&h, &params[6], &params[7])
             }
@@ -349,8 +359,10 @@ impl Replica {
     ///
     /// Fully connected networks with relu, leaky-relu, sigmoid or tanh use an explicit
     /// backward pass (candle's generic autograd also computes the gradient of the input
-    /// batch, a third large matmul nobody needs, and allocates a zero tensor per node);
-    /// the others use autograd. Both give the same gradient up to rounding (see tests).
+    /// batch, a third large matmul nobody needs, and allocates a zero tensor per node), and
+    /// so does the convolutional network on the CPU (im2col and one matmul per convolution,
+    /// see [`cnn`]); the others use autograd. Both give the same gradient up to rounding (see
+    /// tests).
     pub fn gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, BatchStats)> {
         let (g, st) = self.gradient_lazy(x, y)?;
         Ok((g, BatchStats::from_tensor(&st, y.dim(0)? as u32)?))
@@ -360,11 +372,18 @@ impl Replica {
     /// `[loss_sum, correct]`, so a GPU step needs no host synchronisation.
     pub fn gradient_lazy(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, Tensor)> {
         let c = &self.network.config;
-        if c.kind == ModelKind::Mlp && c.activation != Activation::Gelu {
-            self.mlp_gradient(x, y)
-        } else {
-            self.autograd_gradient(x, y)
+        match c.kind {
+            ModelKind::Mlp if c.activation != Activation::Gelu => self.mlp_gradient(x, y),
+            ModelKind::Cnn if self.device.is_cpu() => self.cnn_gradient(x, y),
+            _ => self.autograd_gradient(x, y),
         }
+    }
+
+    /// Explicit backward pass of the convolutional network on the CPU (see [`cnn`]).
+    fn cnn_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, Tensor)> {
+        let (parts, logits, loss_sum) = cnn::gradient(&self.params, x, y)?;
+        let st = stats_tensor(&logits, y, &loss_sum)?;
+        Ok((Gradient { parts }, st))
     }
 
     fn autograd_gradient(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Gradient, Tensor)> {
@@ -408,15 +427,7 @@ impl Replica {
             };
         }
         let logits = h;
-        // Summed cross-entropy and its gradient with respect to the logits: softmax - one-hot.
-        let classes = Tensor::arange(0u32, CLASSES as u32, &self.device)?.unsqueeze(0)?;
-        let one_hot = y
-            .unsqueeze(1)?
-            .broadcast_eq(&classes)?
-            .to_dtype(DType::F32)?;
-        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let loss_sum = (log_p.mul(&one_hot)?.sum_all()? * -1.0)?;
-        let mut dz = (log_p.exp()? - &one_hot)?;
+        let (loss_sum, mut dz) = summed_cross_entropy(&logits, y)?;
         let mut parts: Vec<Tensor> = Vec::with_capacity(2 * layers);
         for l in (0..layers).rev() {
             let input = &inputs[l];
@@ -452,6 +463,20 @@ impl Replica {
     }
 }
 
+/// The summed cross-entropy of `logits` `[n, 10]` against labels `y` `[n]`, and its gradient
+/// with respect to the logits: softmax minus one-hot.
+fn summed_cross_entropy(logits: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let classes = Tensor::arange(0u32, CLASSES as u32, logits.device())?.unsqueeze(0)?;
+    let one_hot = y
+        .unsqueeze(1)?
+        .broadcast_eq(&classes)?
+        .to_dtype(DType::F32)?;
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let loss_sum = (log_p.mul(&one_hot)?.sum_all()? * -1.0)?;
+    let d_logits = (log_p.exp()? - &one_hot)?;
+    Ok((loss_sum, d_logits))
+}
+
 /// Test loss and accuracy of flat parameters over a whole dataset, in batches.
 pub fn evaluate(
     network: &Network,
@@ -474,7 +499,11 @@ pub fn evaluate(
             device,
             &mut scratch,
         )?;
-        let logits = network.forward(&params, &x)?;
+        let logits = if network.config.kind == ModelKind::Cnn && device.is_cpu() {
+            cnn::logits(&params, &x)?
+        } else {
+            network.forward(&params, &x)?
+        };
         let loss_sum = (candle_nn::loss::cross_entropy(&logits, &y)? * (end - start) as f64)?;
         let s = stats(&logits, &y, &loss_sum)?;
         total.loss_sum += s.loss_sum;
@@ -554,7 +583,13 @@ mod tests {
 
     #[test]
     fn summed_gradients_of_two_halves_equal_the_whole() {
-        let net = Network::new(&JobConfig::preset("mlp").unwrap().model);
+        for preset in ["mlp", "cnn"] {
+            summed_gradients_of_two_halves_equal_the_whole_for(preset);
+        }
+    }
+
+    fn summed_gradients_of_two_halves_equal_the_whole_for(preset: &str) {
+        let net = Network::new(&JobConfig::preset(preset).unwrap().model);
         let flat = net.init_params(3);
         let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
         let pixels: Vec<u8> = (0..4 * IMAGE_PIXELS).map(|i| (i * 7 % 256) as u8).collect();
@@ -583,7 +618,7 @@ mod tests {
         for i in 0..whole.len() {
             assert!(
                 (whole[i] - (a[i] + b[i])).abs() <= 1e-4 * (1.0 + whole[i].abs()),
-                "index {i}"
+                "{preset} index {i}"
             );
         }
     }
@@ -632,6 +667,111 @@ mod tests {
                 "{spec}"
             );
             assert_eq!(sa.correct, sb.correct);
+        }
+    }
+
+    /// A batch of `n` deterministic, image-like samples of the `cnn` preset's network.
+    fn cnn_batch(n: usize) -> (Network, Vec<f32>, Tensor, Tensor) {
+        let net = Network::new(&JobConfig::preset("cnn").unwrap().model);
+        let flat = net.init_params(11);
+        let pixels: Vec<u8> = (0..n * IMAGE_PIXELS)
+            .map(|i| if i % 5 < 2 { 0 } else { (i * 13 % 256) as u8 })
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i * 7 % 10) as u8).collect();
+        let (x, y) = batch_tensors(&pixels, &labels, true, &Device::Cpu, &mut Vec::new()).unwrap();
+        (net, flat, x, y)
+    }
+
+    /// Asserts `a` equals `b` up to float rounding, relative to each tensor's largest value.
+    fn assert_close_per_tensor(net: &Network, a: &[f32], b: &[f32], tolerance: f32) {
+        assert_eq!(a.len(), b.len());
+        for spec in net.layout() {
+            let (a, b) = (&a[spec.range()], &b[spec.range()]);
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{}: zero gradient", spec.name);
+            for i in 0..a.len() {
+                assert!(
+                    (a[i] - b[i]).abs() <= tolerance * scale,
+                    "{} index {i}: {} vs {} (largest {scale})",
+                    spec.name,
+                    a[i],
+                    b[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn explicit_cnn_backward_matches_autograd() {
+        // 70 samples: one chunk of 64 and one of 6.
+        let (net, flat, x, y) = cnn_batch(70);
+        let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
+        let (a, sa) = r.cnn_gradient(&x, &y).unwrap();
+        let (b, sb) = r.autograd_gradient(&x, &y).unwrap();
+        let (sa, sb) = (
+            BatchStats::from_tensor(&sa, 70).unwrap(),
+            BatchStats::from_tensor(&sb, 70).unwrap(),
+        );
+        assert_close_per_tensor(&net, &a.to_vec().unwrap(), &b.to_vec().unwrap(), 1e-5);
+        assert!((sa.loss_sum - sb.loss_sum).abs() < 1e-5 * sb.loss_sum);
+        assert_eq!(sa.correct, sb.correct);
+    }
+
+    #[test]
+    fn explicit_cnn_forward_matches_the_network() {
+        let (net, flat, x, _) = cnn_batch(70);
+        let params = net.tensors_from_flat(&flat, &Device::Cpu).unwrap();
+        let a = cnn::logits(&params, &x).unwrap().flatten_all().unwrap();
+        let b = net.forward(&params, &x).unwrap().flatten_all().unwrap();
+        let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        assert_eq!(a.len(), 70 * CLASSES);
+        for i in 0..a.len() {
+            assert!(
+                (a[i] - b[i]).abs() <= 1e-5 * (1.0 + b[i].abs()),
+                "{i}: {} vs {}",
+                a[i],
+                b[i]
+            );
+        }
+    }
+
+    /// The gradient is the loss's derivative (a finite difference along the convolutions'
+    /// gradient), not merely autograd's: candle's own `max_pool2d` backward is a quarter of it.
+    #[test]
+    fn the_cnn_gradient_is_the_derivative_of_the_loss() {
+        let (net, flat, x, y) = cnn_batch(4);
+        let loss = |flat: &[f32]| {
+            let params = net.tensors_from_flat(flat, &Device::Cpu).unwrap();
+            let logits = net.forward(&params, &x).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            4.0 * loss.to_scalar::<f32>().unwrap() as f64
+        };
+        let r = Replica::new(net.clone(), &flat, Device::Cpu).unwrap();
+        for gradient in [
+            r.cnn_gradient(&x, &y).unwrap().0,
+            r.autograd_gradient(&x, &y).unwrap().0,
+        ] {
+            let g = gradient.to_vec().unwrap();
+            // Along the conv layers' gradient only (conv1 and conv2, weights and biases).
+            let convs = 0..net.layout()[4].offset;
+            let norm = g[convs.clone()]
+                .iter()
+                .map(|v| (*v as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let eps = 1e-2;
+            let moved = |sign: f64| {
+                let mut f = flat.clone();
+                for i in convs.clone() {
+                    f[i] += (sign * eps * g[i] as f64 / norm) as f32;
+                }
+                loss(&f)
+            };
+            let slope = (moved(1.0) - moved(-1.0)) / (2.0 * eps);
+            assert!(
+                (slope - norm).abs() < 0.05 * norm,
+                "finite difference {slope}, gradient norm {norm}"
+            );
         }
     }
 
