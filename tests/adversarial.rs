@@ -728,13 +728,17 @@ fn control_characters_in_a_worker_id_are_escaped_in_the_log() {
 
 #[test]
 fn a_flood_of_idle_step_streams_is_refused_while_real_workers_train() {
-    let samples = 12_800;
+    // The job must outlast the heartbeat timeout, or its end closes the idle streams before
+    // they are refused: 3,750 steps of 16 samples take seconds, each a round trip through the
+    // coordinator, however fast the machine computes.
+    let samples = 60_000;
     let job = Job::start(
         "grpc",
         2,
         2,
         &[
             ("LOCKSTEP_TRAIN_SAMPLES", &samples.to_string()),
+            ("LOCKSTEP_BATCH_SIZE", "16"),
             ("LOCKSTEP_CLUSTER__HEARTBEAT_TIMEOUT_MS", "1500"),
         ],
     );
