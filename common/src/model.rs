@@ -653,20 +653,25 @@ mod tests {
                 BatchStats::from_tensor(&sb, 5).unwrap(),
             );
             let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
-            assert_eq!(a.len(), b.len());
-            for i in 0..a.len() {
-                assert!(
-                    (a[i] - b[i]).abs() <= 1e-4 * (1.0 + b[i].abs()),
-                    "{spec} index {i}: {} vs {}",
-                    a[i],
-                    b[i]
-                );
-            }
+            assert_elementwise_close(&a, &b, 1e-4, spec);
             assert!(
                 (sa.loss_sum - sb.loss_sum).abs() < 1e-4 * sb.loss_sum,
                 "{spec}"
             );
             assert_eq!(sa.correct, sb.correct);
+        }
+    }
+
+    /// Asserts `a` equals `b` element by element up to `tolerance`, relative to each value.
+    fn assert_elementwise_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for i in 0..a.len() {
+            assert!(
+                (a[i] - b[i]).abs() <= tolerance * (1.0 + b[i].abs()),
+                "{what} index {i}: {} vs {}",
+                a[i],
+                b[i]
+            );
         }
     }
 
@@ -725,14 +730,7 @@ mod tests {
         let b = net.forward(&params, &x).unwrap().flatten_all().unwrap();
         let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
         assert_eq!(a.len(), 70 * CLASSES);
-        for i in 0..a.len() {
-            assert!(
-                (a[i] - b[i]).abs() <= 1e-5 * (1.0 + b[i].abs()),
-                "{i}: {} vs {}",
-                a[i],
-                b[i]
-            );
-        }
+        assert_elementwise_close(&a, &b, 1e-5, "cnn logits");
     }
 
     /// The gradient is the loss's derivative (a finite difference along the convolutions'
