@@ -85,7 +85,7 @@ for i in $(seq 1 "$runs"); do
   LOCKSTEP_TRAIN_SAMPLES=$train_samples \
     "$bin/lockstep" train --preset "$preset" "${model_args[@]}" --epochs "$epochs" --batch-size "$batch" \
     --workers "$workers" --backend "$backend" --data-dir "$data" --out "$work/run$i" "${tls[@]}" \
-    --log-format plain 2>"$work/log$i" </dev/null \
+    2>"$work/log$i" </dev/null \
     || { cat "$work/log$i"; exit 1; }
   end=$(date +%s.%N)
   python3 - "$work/run$i" "$start" "$end" "$i" "lockstep $backend x$workers" "$memcpy" <<'PY'
