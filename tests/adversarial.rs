@@ -361,6 +361,8 @@ fn step_done(work: &pb::Work, id: Option<pb::StepId>) -> Kind {
         loss_sum: 1.0,
         correct: 0,
         compute_ms: 1.0,
+        wait_ms: 0.0,
+        apply_ms: 0.0,
     })
 }
 
@@ -376,6 +378,8 @@ fn gradient(work: &pb::Work, data: Bytes) -> Kind {
         data,
         compute_ms: 1.0,
         indices_digest: indices_digest(&shard.indices),
+        wait_ms: 0.0,
+        apply_ms: 0.0,
     })
 }
 

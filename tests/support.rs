@@ -358,3 +358,70 @@ pub fn sha256_file(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// A Python interpreter with `packages` (pip requirement strings, e.g. `"tensorboard==2.20.0"`)
+/// installed, for checking what the project writes with readers it did not write: a virtual
+/// environment at `$LOCKSTEP_TEST_VENV` (default `~/.cache/lockstep-test/venv`), created with
+/// `python3 -m venv` and filled from PyPI on first use, then reused. Tests that call this at
+/// the same time wait for each other on a lock file beside it.
+pub fn python_with(packages: &[&str]) -> PathBuf {
+    let venv = std::env::var_os("LOCKSTEP_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/lockstep-test/venv")
+        });
+    std::fs::create_dir_all(venv.parent().expect("venv parent"))
+        .expect("creating the venv's folder");
+    let lock = std::fs::File::create(venv.with_extension("lock")).expect("the venv's lock file");
+    lock.lock().expect("locking the venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let out = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .output()
+            .expect(
+                "python3 is needed for this test (to read the files with their own Python readers)",
+            );
+        assert!(
+            out.status.success(),
+            "python3 -m venv {}: {}",
+            venv.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let record = venv.join("lockstep-installed.txt");
+    let installed = std::fs::read_to_string(&record).unwrap_or_default();
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !installed.lines().any(|l| l == *p))
+        .collect();
+    if !missing.is_empty() {
+        let out = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing)
+            .output()
+            .expect("running pip");
+        assert!(
+            out.status.success(),
+            "pip install {} (PyPI must be reachable): {}",
+            missing.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut all = installed;
+        for p in missing {
+            all.push_str(p);
+            all.push('\n');
+        }
+        std::fs::write(&record, all).expect("recording the installed packages");
+    }
+    python
+}

@@ -342,6 +342,16 @@ impl TlsConfig {
     }
 }
 
+/// The metrics endpoint's default: loopback, a free port.
+fn default_metrics_addr() -> String {
+    "127.0.0.1:0".to_string()
+}
+
+/// TensorBoard's default step interval.
+fn default_tensorboard_every_steps() -> u32 {
+    50
+}
+
 /// Everything that defines a training job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobConfig {
@@ -378,6 +388,14 @@ pub struct JobConfig {
     /// Local workers (`lockstep train` without `--external-workers`): how many times in all a
     /// worker that died is started again, as `torchrun --max-restarts` does.
     pub max_restarts: u32,
+    /// Where the coordinator serves Prometheus `/metrics` and the live dashboard `/` over
+    /// HTTP: `HOST:PORT` (port 0 picks a free one, printed at start), or `off`.
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: String,
+    /// TensorBoard: besides every epoch's scalars, log the training loss and throughput every
+    /// this many steps (0: per epoch only).
+    #[serde(default = "default_tensorboard_every_steps")]
+    pub tensorboard_every_steps: u32,
     /// The network.
     pub model: ModelConfig,
     /// The optimizer.
@@ -453,6 +471,8 @@ impl JobConfig {
             train_samples: 0,
             checkpoint_every_steps: 500,
             max_restarts: 0,
+            metrics_addr: default_metrics_addr(),
+            tensorboard_every_steps: default_tensorboard_every_steps(),
             model,
             optimizer,
             cluster: ClusterConfig {
@@ -705,7 +725,7 @@ impl JobConfig {
     /// one (model, optimizer, data, schedule, shards, seed), each as `key: run has A, now B`.
     /// Worker counts, timeouts, addresses, the number of epochs and the CPU backend may change.
     pub fn resume_conflicts(&self, resumed: &JobConfig) -> Vec<String> {
-        const FREE: [&str; 12] = [
+        const FREE: [&str; 14] = [
             "tls",
             "preset",
             "epochs",
@@ -716,6 +736,8 @@ impl JobConfig {
             "threads",
             "checkpoint_every_steps",
             "max_restarts",
+            "metrics_addr",
+            "tensorboard_every_steps",
             "backend",
             "cluster",
         ];
@@ -800,6 +822,8 @@ pub struct Overrides {
     pub threads: Option<u32>,
     /// `--max-restarts`
     pub max_restarts: Option<u32>,
+    /// `--metrics-addr`
+    pub metrics_addr: Option<String>,
     /// `--tls-cert`, `--tls-key`, `--tls-client-ca`, `--tls-ca`, `--tls-worker-cert`,
     /// `--tls-worker-key` (each set one overrides `tls.*`).
     pub tls: TlsConfig,
@@ -957,6 +981,9 @@ fn load_layers(
     }
     if let Some(v) = o.max_restarts {
         builder = builder.set_override("max_restarts", v)?;
+    }
+    if let Some(v) = &o.metrics_addr {
+        builder = builder.set_override("metrics_addr", v.clone())?;
     }
     let t = &o.tls;
     for (key, value) in [

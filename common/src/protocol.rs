@@ -369,6 +369,10 @@ pub struct ShardGradient {
     pub compute_ms: f32,
     /// [`indices_digest`] of the shard's indices, as the worker received them.
     pub indices_digest: u64,
+    /// The worker's previous step: time waiting for the average, and applying it.
+    pub wait_ms: f32,
+    /// See `wait_ms`.
+    pub apply_ms: f32,
 }
 
 /// A shard a rank contributed to a collective step.
@@ -393,6 +397,10 @@ pub struct StepDone {
     pub stats: BatchStats,
     /// Time from receiving the work to applying the step.
     pub compute_ms: f32,
+    /// Time this rank waited in the step's all-reduce.
+    pub wait_ms: f32,
+    /// Time this rank spent applying the step.
+    pub apply_ms: f32,
 }
 
 /// What a worker sends on its step stream.
@@ -488,6 +496,8 @@ impl TryFrom<pb::WorkerMessage> for FromWorker {
                     data: g.data,
                     compute_ms: g.compute_ms,
                     indices_digest: g.indices_digest,
+                    wait_ms: g.wait_ms,
+                    apply_ms: g.apply_ms,
                 })
             }
             Some(Kind::Digest(d)) => {
@@ -555,6 +565,8 @@ impl TryFrom<pb::WorkerMessage> for FromWorker {
                         samples: d.samples,
                     },
                     compute_ms: d.compute_ms,
+                    wait_ms: d.wait_ms,
+                    apply_ms: d.apply_ms,
                 })
             }
             Some(Kind::Paused(p)) => {
@@ -594,6 +606,8 @@ impl From<FromWorker> for pb::WorkerMessage {
                 data: g.data,
                 compute_ms: g.compute_ms,
                 indices_digest: g.indices_digest,
+                wait_ms: g.wait_ms,
+                apply_ms: g.apply_ms,
             }),
             FromWorker::Digest { id, sha256 } => Kind::Digest(pb::Digest {
                 id: Some(id.into()),
@@ -618,6 +632,8 @@ impl From<FromWorker> for pb::WorkerMessage {
                 loss_sum: d.stats.loss_sum,
                 correct: d.stats.correct,
                 compute_ms: d.compute_ms,
+                wait_ms: d.wait_ms,
+                apply_ms: d.apply_ms,
             }),
             FromWorker::Paused { next, sha256 } => Kind::Paused(pb::Paused {
                 next: Some(next.into()),
@@ -945,6 +961,8 @@ mod tests {
                 samples: 5,
             },
             compute_ms: 0.5,
+            wait_ms: 0.25,
+            apply_ms: 0.125,
         });
         assert_eq!(
             FromWorker::try_from(pb::WorkerMessage::from(done.clone())).unwrap(),

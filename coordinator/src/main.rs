@@ -126,6 +126,10 @@ struct ConfigArgs {
     /// the running job), as `torchrun --max-restarts` (default 0).
     #[arg(long)]
     max_restarts: Option<u32>,
+    /// Serve Prometheus /metrics and the live dashboard / over HTTP on HOST:PORT (default
+    /// 127.0.0.1:0, a free loopback port printed at start), or `off`.
+    #[arg(long, value_name = "HOST:PORT|off")]
+    metrics_addr: Option<String>,
     /// TLS: the coordinator's certificate chain (PEM); with --tls-key its port speaks only TLS
     /// (tls.cert).
     #[arg(long, value_name = "FILE")]
@@ -164,6 +168,7 @@ impl ConfigArgs {
             backend: self.backend.clone(),
             threads: self.threads,
             max_restarts: self.max_restarts,
+            metrics_addr: self.metrics_addr.clone(),
             tls: config::TlsConfig {
                 cert: self.tls_cert.clone(),
                 key: self.tls_key.clone(),

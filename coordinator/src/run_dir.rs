@@ -15,7 +15,7 @@ use lockstep_common::protocol::StepId;
 use serde::{Deserialize, Serialize};
 
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// Epoch number, from 1.
     pub epoch: u64,

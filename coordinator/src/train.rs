@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::engine::{Engine, EpochAccount, Start};
 use crate::launcher::{LocalWorkers, SpawnSpec};
 use crate::membership::Membership;
+use crate::observe::Observers;
 use crate::run_dir::{default_run_path, EpochMetrics, RunDir, Summary};
 use crate::service::{Event, Shared, StateStore};
 
@@ -236,7 +237,9 @@ pub async fn run(
     drop(events_tx);
 
     let launcher = spawned.as_ref().map(LocalWorkers::handle);
-    let engine = Engine::new(shared, events_rx, data, network, start, run, launcher)?;
+    let observers = observers(&config, &run)?;
+    let mut engine = Engine::new(shared, events_rx, data, network, start, run, launcher)?;
+    engine.observe(observers);
     let result = engine.run().await;
     signals.abort();
     // Let the final Finish/Abort messages reach the workers before the server goes away.
@@ -256,6 +259,12 @@ pub async fn run(
         &run_path,
     );
     Ok(Outcome::Trained(summary))
+}
+
+/// Who watches the run as it goes ([`crate::observe`]).
+fn observers(_config: &JobConfig, _run: &RunDir) -> Result<Observers> {
+    let observers = Observers::default();
+    Ok(observers)
 }
 
 /// Whether the job spawns its workers.

@@ -113,6 +113,8 @@ struct Pending {
     started: Option<Instant>,
     /// When the last of its shard gradients went to the coordinator (grpc).
     submitted: Option<Instant>,
+    /// Time waited for its all-reduce so far.
+    wait_s: f64,
 }
 
 /// Runs the step loop until the stream ends. Returns the number of steps applied.
@@ -162,6 +164,8 @@ struct Loop {
     steps_since_read: u64,
     scratch: Vec<f32>,
     times: StepTimes,
+    /// The last applied step's all-reduce wait and apply time, in ms, for the reports.
+    previous: (f32, f32),
 }
 
 impl Loop {
@@ -192,6 +196,7 @@ impl Loop {
             steps_since_read: 0,
             scratch: Vec::new(),
             times: StepTimes::default(),
+            previous: (0.0, 0.0),
         }
     }
 
@@ -381,6 +386,7 @@ impl Loop {
                     samples: count,
                     indices_digest: done.indices_digest,
                     compute_ms: shard_started.elapsed().as_secs_f32() * 1000.0,
+                    previous: self.previous,
                 });
             }
         }
@@ -393,11 +399,14 @@ impl Loop {
         let average = reduce
             .submit(&meta, results)
             .with_context(|| format!("all-reducing the gradient of {step}"))?;
+        let waited = computed.elapsed().as_secs_f64();
+        let pending = self.pending.entry(step).or_default();
         if average.is_none() {
             // grpc: the average comes later as a message; the wait ends when it is applied.
-            self.pending.entry(step).or_default().submitted = Some(Instant::now());
+            pending.submitted = Some(Instant::now());
         }
-        self.times.wait_s += computed.elapsed().as_secs_f64();
+        pending.wait_s += waited;
+        self.times.wait_s += waited;
         Ok(average)
     }
 
@@ -423,16 +432,20 @@ impl Loop {
 
     fn apply(&mut self, step: StepId, average: Averaged) -> Result<()> {
         let applied = Instant::now();
-        let pending = self.pending.remove(&step).unwrap_or_default();
+        let mut pending = self.pending.remove(&step).unwrap_or_default();
         if let Some(submitted) = pending.submitted {
-            self.times.wait_s += (applied - submitted).as_secs_f64();
+            let waited = (applied - submitted).as_secs_f64();
+            pending.wait_s += waited;
+            self.times.wait_s += waited;
         }
         let replica = self.replica.as_mut().context("no replica")?;
         self.state.apply(step.epoch, average, replica)?;
         self.next = step.next(self.steps_per_epoch);
         let last_of_epoch = pending.last_of_epoch || self.next.epoch != step.epoch;
-        self.times.apply_s += applied.elapsed().as_secs_f64();
+        let apply_s = applied.elapsed().as_secs_f64();
+        self.times.apply_s += apply_s;
         self.times.steps += 1;
+        self.previous = ((pending.wait_s * 1000.0) as f32, (apply_s * 1000.0) as f32);
         self.steps_since_read += 1;
         let stamp = Stamp::new(step, self.membership);
         if self.collective {
@@ -467,6 +480,8 @@ impl Loop {
                 compute_ms: pending
                     .started
                     .map_or(0.0, |s| s.elapsed().as_secs_f32() * 1000.0),
+                wait_ms: self.previous.0,
+                apply_ms: self.previous.1,
             });
             if !self.out.send(done) {
                 bail!("the step stream closed after {step}");

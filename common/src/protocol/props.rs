@@ -97,11 +97,18 @@ fn worker_message() -> impl Strategy<Value = pb::WorkerMessage> {
             ),
             any::<f64>(),
             vec(any::<u8>(), 0..32),
-            any::<f32>(),
+            (any::<f32>(), any::<f32>(), any::<f32>()),
             any::<u64>()
         )
             .prop_map(
-                |(id, (shard, samples, correct), loss_sum, data, compute_ms, indices_digest)| {
+                |(
+                    id,
+                    (shard, samples, correct),
+                    loss_sum,
+                    data,
+                    (compute_ms, wait_ms, apply_ms),
+                    indices_digest,
+                )| {
                     Kind::Gradient(pb::ShardGradient {
                         id,
                         shard,
@@ -111,6 +118,8 @@ fn worker_message() -> impl Strategy<Value = pb::WorkerMessage> {
                         data: data.into(),
                         compute_ms,
                         indices_digest,
+                        wait_ms,
+                        apply_ms,
                     })
                 }
             ),
@@ -126,18 +135,22 @@ fn worker_message() -> impl Strategy<Value = pb::WorkerMessage> {
             shards,
             (near(MAX_GLOBAL_BATCH * 64), near(MAX_GLOBAL_BATCH * 64)),
             any::<f64>(),
-            any::<f32>()
+            (any::<f32>(), any::<f32>(), any::<f32>())
         )
-            .prop_map(|(id, shards, (samples, correct), loss_sum, compute_ms)| {
-                Kind::StepDone(pb::StepDone {
-                    id,
-                    shards,
-                    samples,
-                    loss_sum,
-                    correct,
-                    compute_ms,
-                })
-            }),
+            .prop_map(
+                |(id, shards, (samples, correct), loss_sum, (compute_ms, wait_ms, apply_ms))| {
+                    Kind::StepDone(pb::StepDone {
+                        id,
+                        shards,
+                        samples,
+                        loss_sum,
+                        correct,
+                        compute_ms,
+                        wait_ms,
+                        apply_ms,
+                    })
+                }
+            ),
         (step_id(), sha256_text())
             .prop_map(|(next, sha256)| Kind::Paused(pb::Paused { next, sha256 })),
         (step_id(), reason(), any::<bool>()).prop_map(|(id, reason, diverged)| {

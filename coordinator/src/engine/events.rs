@@ -18,6 +18,7 @@ use super::inflight::Filled;
 use super::Engine;
 use crate::error::{Cause, JobError, Lost};
 use crate::membership::MemberId;
+use crate::observe::MemberEventKind;
 use crate::service::{Event, WorkerTx};
 
 impl Engine {
@@ -206,6 +207,7 @@ impl Engine {
             by: member,
             stats: Some(g.stats),
             gradient: Some(g.data),
+            timing: [g.compute_ms, g.wait_ms, g.apply_ms],
         });
         Ok(())
     }
@@ -247,9 +249,15 @@ impl Engine {
                 by: member,
                 stats: None,
                 gradient: None,
+                timing: [0.0; 3],
             });
         }
         step.reports.entry(member).or_insert(d.stats);
+        // Its compute_ms runs from receiving the work to applying it: the computing is the rest.
+        let computing = (d.compute_ms - d.wait_ms - d.apply_ms).max(0.0);
+        step.timings
+            .entry(member)
+            .or_insert([computing, d.wait_ms, d.apply_ms]);
     }
 
     /// A state a member uploaded: one the coordinator asked it for (a regroup), or the state
@@ -317,11 +325,12 @@ impl Engine {
 
     /// A worker opened its step stream after training started: it enters at a step boundary.
     fn admit(&mut self, member: MemberId, tx: WorkerTx) {
-        let (rank, who) = {
+        let (rank, who, admitted) = {
             let members = self.shared.members();
             (
                 members.get(member).map_or(0, |m| m.rank),
                 members.describe(member),
+                members.get(member).cloned(),
             )
         };
         self.account.membership_changes += 1;
@@ -333,6 +342,9 @@ impl Engine {
                 self.plan.here(self.next)
             );
             self.waiting.insert(member, link);
+            if let Some(m) = &admitted {
+                self.observe_member(m, MemberEventKind::Joined, String::new());
+            }
             return;
         }
         // grpc: from the replica's current state; the averages of the steps out reach it too.
@@ -351,6 +363,9 @@ impl Engine {
                     self.plan.here(self.next),
                     self.links.len()
                 );
+                if let Some(m) = &admitted {
+                    self.observe_member(m, MemberEventKind::Joined, String::new());
+                }
             }
             Err(e) => self
                 .casualties
@@ -452,6 +467,7 @@ impl Engine {
                 min,
             });
         }
+        self.observe_member(&m, MemberEventKind::Lost, cause.to_string());
         tracing::warn!(
             event = "worker_lost",
             worker = %who,

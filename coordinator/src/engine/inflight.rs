@@ -23,6 +23,8 @@ pub struct Filled {
     pub stats: Option<BatchStats>,
     /// Its gradient (grpc).
     pub gradient: Option<Bytes>,
+    /// Where the worker's time went, in ms: computing, waiting for the all-reduce, applying.
+    pub timing: [f32; 3],
 }
 
 /// One shard of a step.
@@ -51,6 +53,8 @@ pub struct Step {
     pub slots: Vec<Slot>,
     /// Collective modes: statistics reported per member, once each.
     pub reports: BTreeMap<MemberId, BatchStats>,
+    /// Collective modes: each member's timing of the step, in ms (compute, wait, apply).
+    pub timings: BTreeMap<MemberId, [f32; 3]>,
     /// When its work went out.
     pub sent_at: Instant,
     /// The regroup found it applied by the survivors, though not every report came.
@@ -86,6 +90,42 @@ impl Step {
             total.samples += s.samples;
         }
         total
+    }
+
+    /// Where each worker's time went in this step, by rank (`rank_of` names the members still
+    /// taking part): the mean over its shards' reports (grpc), or its step report.
+    pub fn worker_timings(
+        &self,
+        rank_of: impl Fn(MemberId) -> Option<u32>,
+    ) -> Vec<crate::observe::WorkerTiming> {
+        let mut by: BTreeMap<MemberId, ([f64; 3], u32)> = BTreeMap::new();
+        let reported = self.slots.iter().filter_map(|s| {
+            let f = s.filled.as_ref()?;
+            f.gradient.as_ref()?;
+            Some((f.by, f.timing))
+        });
+        let collective = self.timings.iter().map(|(m, t)| (*m, *t));
+        for (member, t) in reported.chain(collective) {
+            let e = by.entry(member).or_default();
+            for (sum, v) in e.0.iter_mut().zip(t) {
+                *sum += crate::observe::seconds_from_peer_ms(v);
+            }
+            e.1 += 1;
+        }
+        let mut out: Vec<_> = by
+            .into_iter()
+            .filter_map(|(member, (sums, n))| {
+                let n = n.max(1) as f64;
+                Some(crate::observe::WorkerTiming {
+                    rank: rank_of(member)?,
+                    compute_seconds: sums[0] / n,
+                    wait_seconds: sums[1] / n,
+                    apply_seconds: sums[2] / n,
+                })
+            })
+            .collect();
+        out.sort_by_key(|t| t.rank);
+        out
     }
 }
 
@@ -198,6 +238,7 @@ mod tests {
                 })
                 .collect(),
             reports: BTreeMap::new(),
+            timings: BTreeMap::new(),
             sent_at: Instant::now(),
             forced: false,
             non_finite: None,
@@ -213,6 +254,7 @@ mod tests {
                 samples: 2,
             }),
             gradient: None,
+            timing: [0.0; 3],
         });
     }
 

@@ -42,6 +42,7 @@ pub use account::EpochAccount;
 use crate::error::{Cause, Here, JobError, Lost, Stopped};
 use crate::launcher::LauncherHandle;
 use crate::membership::MemberId;
+use crate::observe::{MemberEvent, MemberEventKind, Observer, Observers, StepRecord};
 use crate::progress::EpochProgress;
 use crate::run_dir::{EpochMetrics, RunDir, Summary};
 use crate::service::{Event, Shared, WorkerTx};
@@ -163,6 +164,10 @@ pub struct Engine {
     samples_trained: u64,
     membership_changes: u64,
     started: std::time::Instant,
+    /// Who watches the run (metrics endpoint, dashboard, TensorBoard).
+    observers: Observers,
+    /// When the previous step finished, for the step time observers see.
+    last_step_at: Option<std::time::Instant>,
 }
 
 impl Engine {
@@ -236,8 +241,38 @@ impl Engine {
             samples_trained: 0,
             membership_changes: 0,
             started: std::time::Instant::now(),
+            observers: Observers::default(),
+            last_step_at: None,
             shared,
         })
+    }
+
+    /// Adds the run's observers ([`crate::observe`]).
+    pub fn observe(&mut self, observers: Observers) {
+        self.observers = observers;
+    }
+
+    /// Tells the observers that `member` joined or was lost.
+    fn observe_member(
+        &mut self,
+        member: &crate::membership::Member,
+        kind: MemberEventKind,
+        reason: String,
+    ) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let event = MemberEvent {
+            kind,
+            who: crate::membership::describe(member),
+            rank: member.rank,
+            worker_id: member.worker_id.clone(),
+            device: member.device.clone(),
+            workers: self.links.len() + self.waiting.len(),
+            at: self.plan.here(self.next).to_string(),
+            reason,
+        };
+        self.observers.member(&event);
     }
 
     /// Runs the whole job. On error, every connected worker is told to abort.
@@ -389,6 +424,16 @@ impl Engine {
     /// also forms the collective (tcp, nccl).
     fn start(&mut self) -> Result<(), JobError> {
         self.current = self.shared.members().generation();
+        let initial: Vec<crate::membership::Member> = {
+            let members = self.shared.members();
+            self.ranked()
+                .into_iter()
+                .filter_map(|m| members.get(m).cloned())
+                .collect()
+        };
+        for member in &initial {
+            self.observe_member(member, MemberEventKind::Joined, String::new());
+        }
         if self.collective {
             self.regroup.needed = Some("the job starts".into());
             return Ok(());
@@ -590,6 +635,7 @@ impl Engine {
             global,
             slots: slots.into_iter().map(|(_, s)| s).collect(),
             reports: BTreeMap::new(),
+            timings: BTreeMap::new(),
             sent_at: std::time::Instant::now(),
             forced: false,
             non_finite: None,
@@ -639,6 +685,7 @@ impl Engine {
 
     fn finish_step(&mut self, step: Step) -> Result<(), JobError> {
         let id = step.id;
+        let bytes_before = self.account.bytes;
         if !self.collective {
             self.reduce_and_apply(&step)?;
             self.replica_at = id.next(self.plan.steps);
@@ -671,6 +718,7 @@ impl Engine {
             self.links.len(),
             self.account.membership_changes,
         );
+        self.observe_step(&step, bytes_before);
         let last_of_epoch = id.step + 1 == self.plan.steps;
         if !self.collective
             && schedule::digest_due(
@@ -697,6 +745,34 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Tells the observers that `step` was applied.
+    fn observe_step(&mut self, step: &Step, bytes_before: u64) {
+        let now = std::time::Instant::now();
+        let since = match self.last_step_at {
+            Some(t) if step.id.step > 0 => t.max(step.sent_at),
+            _ => step.sent_at,
+        };
+        self.last_step_at = Some(now);
+        if self.observers.is_empty() {
+            return;
+        }
+        let stats = step.stats();
+        let record = StepRecord {
+            epoch: step.id.epoch + 1,
+            step: step.id.step + 1,
+            steps_per_epoch: self.plan.steps,
+            global_step: step.id.epoch * self.plan.steps + step.id.step + 1,
+            samples: step.global as u64,
+            loss: stats.loss_sum / stats.samples.max(1) as f64,
+            epoch_loss: self.account.loss_sum / self.account.samples.max(1) as f64,
+            seconds: now.saturating_duration_since(since).as_secs_f64(),
+            bytes: self.account.bytes.saturating_sub(bytes_before),
+            workers: self.links.len(),
+            timings: step.worker_timings(|m| self.links.get(&m).map(|l| l.rank)),
+        };
+        self.observers.step(&record);
     }
 
     /// grpc mode: sums the step's shard gradients in shard order, averages over the global
@@ -761,6 +837,7 @@ impl Engine {
             &extras,
         )?;
         tracing::debug!("checkpoint {}", path.display());
+        self.observers.checkpoint(&path);
         self.last_checkpoint = Some(path);
         Ok(())
     }
@@ -816,6 +893,7 @@ impl Engine {
             bytes_per_step: a.bytes as f64 / a.steps.max(1) as f64,
         };
         self.run.append_metrics(&m)?;
+        self.observers.epoch(&m);
         tracing::info!(
             event = "epoch",
             epoch = m.epoch,
@@ -933,6 +1011,7 @@ impl Engine {
         };
         self.run
             .finish(&self.shared.layout, &self.params, &summary)?;
+        self.observers.finished(&summary);
         Ok(summary)
     }
 }

@@ -159,6 +159,8 @@ impl Job {
             data: Bytes::from(vec![0u8; self.params * 4]),
             compute_ms: 0.1,
             indices_digest: indices_digest(&s.indices),
+            wait_ms: 0.2,
+            apply_ms: 0.3,
         })
     }
 
@@ -176,6 +178,8 @@ impl Job {
                 .collect(),
             stats: BatchStats::default(),
             compute_ms: 0.1,
+            wait_ms: 0.2,
+            apply_ms: 0.3,
         })
     }
 

@@ -55,6 +55,9 @@ pub struct ShardResult {
     pub indices_digest: u64,
     /// Time spent computing it.
     pub compute_ms: f32,
+    /// This worker's previous step: waiting for its average, and applying it (grpc reports
+    /// them with the next step's gradients).
+    pub previous: (f32, f32),
 }
 
 /// The model diverged: a gradient or the parameters hold NaN or infinity. No change of
@@ -109,6 +112,8 @@ impl AllReduce for CoordinatorReduce {
                 data: Bytes::from(s.gradient.to_bytes()?),
                 compute_ms: s.compute_ms,
                 indices_digest: s.indices_digest,
+                wait_ms: s.previous.0,
+                apply_ms: s.previous.1,
             });
             if !self.out.send(msg) {
                 bail!(
