@@ -10,6 +10,7 @@
 //! - [`error`]: why a worker was lost, why a job stopped.
 //! - [`launcher`]: spawns, supervises and restarts local `lockstep-worker` processes.
 //! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary), and reopening it.
+//! - [`monitor`]: Prometheus `/metrics` and the live dashboard, over HTTP.
 //! - [`observe`]: what the engine tells observers (metrics, dashboard, TensorBoard) as a run goes.
 //! - [`progress`]: the per-epoch progress bar or log lines.
 //! - [`server`]: binds the listener and serves the service plus `grpc.health.v1`.
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod launcher;
 pub mod membership;
+pub mod monitor;
 pub mod observe;
 pub mod progress;
 pub mod run_dir;

@@ -27,6 +27,9 @@ use tokio::sync::{mpsc, watch};
 use crate::engine::{Engine, EpochAccount, Start};
 use crate::launcher::{LocalWorkers, SpawnSpec};
 use crate::membership::Membership;
+use crate::monitor::board::{Board, Job};
+use crate::monitor::metrics::Metrics;
+use crate::monitor::Monitor;
 use crate::observe::Observers;
 use crate::run_dir::{default_run_path, EpochMetrics, RunDir, Summary};
 use crate::service::{Event, Shared, StateStore};
@@ -41,6 +44,9 @@ pub enum Workers {
 
 /// Default listen address for external workers (containers, clusters).
 pub const EXTERNAL_LISTEN: &str = "0.0.0.0:50051";
+
+/// Default metrics and dashboard address with external workers (containers: the pod network).
+pub const EXTERNAL_METRICS: &str = "0.0.0.0:9090";
 
 /// A run directory being resumed.
 pub struct Resume {
@@ -117,6 +123,9 @@ pub async fn run(
     if matches!(workers, Workers::External(_)) && config.listen == "127.0.0.1:0" {
         config.listen = EXTERNAL_LISTEN.to_string();
     }
+    if matches!(workers, Workers::External(_)) && config.metrics_addr == "127.0.0.1:0" {
+        config.metrics_addr = EXTERNAL_METRICS.to_string();
+    }
     config.resolve();
     // TLS files are read before anything else, so that a missing or unsafe one fails at once.
     let tls = lockstep_common::tls::server_config(&config.tls)?;
@@ -156,6 +165,10 @@ pub async fn run(
 
     let listener = crate::server::bind(&config.listen).await?;
     let local_addr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_addr.as_str() {
+        "off" => None,
+        addr => Some(crate::monitor::http::bind(addr).await?),
+    };
     let network = Network::new(&config.model);
     let (run, start) = match resume {
         None => {
@@ -237,7 +250,18 @@ pub async fn run(
     drop(events_tx);
 
     let launcher = spawned.as_ref().map(LocalWorkers::handle);
-    let observers = observers(&config, &run)?;
+    let monitor = match metrics_listener {
+        Some(l) => Some(start_monitor(
+            l,
+            &config,
+            &config_toml,
+            &run,
+            &shared,
+            stop_tx.subscribe(),
+        )?),
+        None => None,
+    };
+    let observers = observers(&config, &run, monitor.as_ref().map(|(m, _)| m))?;
     let mut engine = Engine::new(shared, events_rx, data, network, start, run, launcher)?;
     engine.observe(observers);
     let result = engine.run().await;
@@ -250,6 +274,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     // A frozen peer never closes its connection; do not let it hold the exit for long.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server).await;
+    if let Some((_, http)) = monitor {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), http).await;
+    }
     let summary = result?;
     let epochs = RunDir::metrics_of(&run_path).unwrap_or_default();
     report_done(
@@ -262,9 +289,69 @@ pub async fn run(
 }
 
 /// Who watches the run as it goes ([`crate::observe`]).
-fn observers(_config: &JobConfig, _run: &RunDir) -> Result<Observers> {
-    let observers = Observers::default();
+fn observers(
+    _config: &JobConfig,
+    _run: &RunDir,
+    monitor: Option<&Arc<Monitor>>,
+) -> Result<Observers> {
+    let mut observers = Observers::default();
+    if let Some(m) = monitor {
+        observers.add(crate::monitor::Watch(m.clone()));
+    }
     Ok(observers)
+}
+
+/// Serves `/metrics` and the dashboard on `listener` until `stop` turns true, and says where.
+fn start_monitor(
+    listener: tokio::net::TcpListener,
+    config: &JobConfig,
+    config_toml: &str,
+    run: &RunDir,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Arc<Monitor>, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let addr = listener.local_addr()?;
+    let optimizer = match config.optimizer.kind {
+        OptimizerKind::Sgd => format!("sgd lr {}", config.optimizer.lr),
+        OptimizerKind::Adam => format!("adam lr {}", config.optimizer.lr),
+    };
+    let job = Job {
+        preset: config.preset.clone(),
+        model: config.model.describe(),
+        backend: config.backend.to_string(),
+        optimizer,
+        batch_size: config.batch_size,
+        epochs: config.epochs as u64,
+        steps_per_epoch: shared.steps_per_epoch,
+    };
+    let parameters = lockstep_common::codec::layout_len(&shared.layout) as u64;
+    let metrics = Metrics::new(&job.preset, &job.model, &job.backend, parameters);
+    let epochs = RunDir::metrics_of(run.path()).unwrap_or_default();
+    let board = Board::new(
+        job,
+        run.path().display().to_string(),
+        config_toml.to_string(),
+        epochs,
+    );
+    let monitor = Monitor::new(metrics, board);
+    let server = tokio::spawn(crate::monitor::http::serve(
+        listener,
+        monitor.clone(),
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        },
+    ));
+    let shown = if addr.ip().is_unspecified() {
+        format!("http://<this host>:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    };
+    tracing::info!(
+        event = "monitor",
+        addr = %addr,
+        "dashboard {shown}/  metrics {shown}/metrics"
+    );
+    Ok((monitor, server))
 }
 
 /// Whether the job spawns its workers.
