@@ -17,7 +17,8 @@
 #   compose-train    docker compose with 2 workers trains one epoch of `mlp` on the real MNIST
 #                    and reaches >= 95% test accuracy (read from the run directory); every
 #                    line the services log is a JSON object, and the coordinator's epoch event
-#                    carries metrics.jsonl's accuracy
+#                    carries metrics.jsonl's accuracy; while it trains, the coordinator's
+#                    published port serves Prometheus /metrics (steps counting) and the dashboard
 #   compose-train-tcp  the same with --backend tcp: the workers all-reduce with each other
 #                    across containers (rank 0's address comes through the coordinator)
 #   compose-kill     a worker's process crashes (kill -9) mid-run: the job carries on, the
@@ -227,6 +228,20 @@ container_of() {
   compose "$1" ps -q "$2" | sed -n "${3:-1}p"
 }
 
+# scrape_dashboard PORT OUT: polls the coordinator's published metrics port until /metrics counts
+# steps, then saves /metrics and the dashboard page as OUT.metrics and OUT.html.
+scrape_dashboard() {
+  local port=$1 out=$2 _
+  for _ in $(seq 1 1500); do
+    if curl -fsS --max-time 2 "http://127.0.0.1:$port/metrics" -o "$out.metrics" 2>/dev/null &&
+      grep -Eq '^lockstep_steps_total [1-9]' "$out.metrics"; then
+      curl -fsS --max-time 5 "http://127.0.0.1:$port/" -o "$out.html" && return 0
+    fi
+    sleep 0.2
+  done
+  return 1
+}
+
 # ---------------------------------------------------------------------------------------------
 # (b) One epoch of mlp with 2 workers through docker compose, >= 95% test accuracy, with the
 # given backend (grpc; tcp: the workers connect to each other across containers).
@@ -244,11 +259,17 @@ test_compose_train() {
     files+=(-f "$REPO/deploy/docker-compose.tls.yml")
   fi
   log "compose-train ($name): project $project, runs in $runs"
+  local metrics_port scraper scraped=0
+  metrics_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  scrape_dashboard "$metrics_port" "$WORK/dashboard-$name" &
+  scraper=$!
   set +e
-  LOCKSTEP_TLS_DIR=$WORK/tls-$name LOCKSTEP_BACKEND=$backend LOCKSTEP_RUNS=$runs timeout "$TRAIN_DEADLINE_S" \
-    "${COMPOSE[@]}" -p "$project" "${files[@]}" \
+  LOCKSTEP_METRICS_PORT=$metrics_port LOCKSTEP_TLS_DIR=$WORK/tls-$name LOCKSTEP_BACKEND=$backend LOCKSTEP_RUNS=$runs \
+    timeout "$TRAIN_DEADLINE_S" "${COMPOSE[@]}" -p "$project" "${files[@]}" \
     up --scale worker=2 --exit-code-from coordinator --no-color >"$WORK/train-$name.log" 2>&1
   rc=$?
+  kill "$scraper" 2>/dev/null
+  wait "$scraper" && scraped=1
   set -e
   if [ "$rc" -ne 0 ]; then
     tail -n 40 "$WORK/train-$name.log"
@@ -256,6 +277,14 @@ test_compose_train() {
     return 1
   fi
   grep -E '^coordinator.*(done|accuracy)' "$WORK/train-$name.log" | tail -n 2 | plain || true
+  # The dashboard and /metrics, from the host through the published port, while it trained.
+  [ "$scraped" = 1 ] || { echo "the coordinator's port $metrics_port never served /metrics with steps"; return 1; }
+  grep -F '# EOF' "$WORK/dashboard-$name.metrics" >/dev/null || { echo "/metrics is not OpenMetrics"; return 1; }
+  grep -F '<title>Lockstep run</title>' "$WORK/dashboard-$name.html" >/dev/null &&
+    grep -F '"run_dir":"runs/' "$WORK/dashboard-$name.html" >/dev/null ||
+    { echo "the dashboard page lacks its title or inline state"; return 1; }
+  echo "  while training: $(grep -E '^lockstep_steps_total ' "$WORK/dashboard-$name.metrics") in /metrics, and the dashboard page, on the published port"
+
   if [ "$tls" = tls ]; then
     grep -F '(TLS only)' "$WORK/train-$name.log" | plain
     grep -F 'listens for the other ranks' "$WORK/train-$name.log" | grep -F '(TLS)' | head -n 1 | plain
