@@ -21,14 +21,69 @@ use tonic::Status;
 use super::{Engine, Start};
 use crate::error::{JobError, Stopped};
 use crate::membership::{Joining, MemberId, Membership};
-use crate::run_dir::{RunDir, Summary};
+use crate::observe::{MemberEvent, Observer, Observers, StepRecord};
+use crate::run_dir::{EpochMetrics, RunDir, Summary};
 use crate::service::{Event, Shared, StateStore};
 
 /// 32 training samples, batch 8: 4 steps an epoch.
 const SAMPLES: usize = 32;
 
+/// What the engine told its observers, one line each.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl Observer for Recorder {
+    fn step(&mut self, r: &StepRecord) {
+        let ranks: Vec<String> = r
+            .timings
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}:{:.1}/{:.1}/{:.1}",
+                    t.rank,
+                    t.compute_seconds * 1e3,
+                    t.wait_seconds * 1e3,
+                    t.apply_seconds * 1e3
+                )
+            })
+            .collect();
+        self.0.lock().unwrap().push(format!(
+            "step {}.{} of {} samples {} workers {} [{}]",
+            r.epoch,
+            r.step,
+            r.steps_per_epoch,
+            r.samples,
+            r.workers,
+            ranks.join(" ")
+        ));
+    }
+    fn epoch(&mut self, m: &EpochMetrics) {
+        self.0.lock().unwrap().push(format!("epoch {}", m.epoch));
+    }
+    fn member(&mut self, e: &MemberEvent) {
+        self.0.lock().unwrap().push(format!(
+            "{} rank {} {} workers {}",
+            e.kind.as_str(),
+            e.rank,
+            e.worker_id,
+            e.workers
+        ));
+    }
+    fn checkpoint(&mut self, path: &std::path::Path) {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        self.0.lock().unwrap().push(format!("checkpoint {name}"));
+    }
+    fn finished(&mut self, s: &Summary) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("finished {}", s.epochs));
+    }
+}
+
 struct Job {
     events: mpsc::UnboundedSender<Event>,
+    seen: Recorder,
     shared: Arc<Shared>,
     engine: tokio::task::JoinHandle<Result<Summary, Stopped>>,
     dir: tempfile::TempDir,
@@ -88,9 +143,14 @@ fn job(backend: Backend, workers: u32, shards: u32, min: u32, max: u32) -> Job {
         checkpoint: None,
         last_metrics: None,
     };
-    let engine = Engine::new(shared.clone(), rx, data, network, start, run, None).unwrap();
+    let mut engine = Engine::new(shared.clone(), rx, data, network, start, run, None).unwrap();
+    let seen = Recorder::default();
+    let mut observers = Observers::default();
+    observers.add(seen.clone());
+    engine.observe(observers);
     Job {
         events,
+        seen,
         shared,
         engine: tokio::spawn(engine.run()),
         dir,
@@ -192,6 +252,11 @@ impl Job {
             &network.init_params(self.shared.config.seed),
             optimizer.state(),
         )
+    }
+
+    /// What the observers were told so far.
+    fn seen(&self) -> Vec<String> {
+        self.seen.0.lock().unwrap().clone()
     }
 
     async fn result(self) -> (Result<Summary, Stopped>, tempfile::TempDir) {
@@ -301,9 +366,27 @@ async fn a_lost_workers_undelivered_shards_go_to_the_survivor_in_the_same_step()
         answer(&job, &a, w);
     }
     assert_eq!(serve_grpc(&job, &mut a).await, "training finished");
+    let seen = job.seen();
     let (result, dir) = job.result().await;
     let summary = result.unwrap();
     assert_eq!(summary.membership_changes, 1);
+    // The observers saw it all, in order: the worker's timings come by rank, the lost worker's
+    // shard of step 0 (in before it left) no longer counts as its own.
+    assert_eq!(
+        seen,
+        [
+            "joined rank 0 test/pid 1 workers 2",
+            "joined rank 1 test/pid 2 workers 2",
+            "lost rank 1 test/pid 2 workers 1",
+            "step 1.1 of 4 samples 8 workers 1 [0:0.1/0.2/0.3]",
+            "step 1.2 of 4 samples 8 workers 1 [0:0.1/0.2/0.3]",
+            "step 1.3 of 4 samples 8 workers 1 [0:0.1/0.2/0.3]",
+            "step 1.4 of 4 samples 8 workers 1 [0:0.1/0.2/0.3]",
+            "checkpoint epoch-0001.safetensors",
+            "epoch 1",
+            "finished 1",
+        ]
+    );
     let m = metrics(&dir);
     assert_eq!(
         (m["samples_covered"].as_u64(), m["samples_applied"].as_u64()),
