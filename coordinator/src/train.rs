@@ -147,7 +147,22 @@ pub async fn run(
     config.out = Some(run_path.clone());
     let config_toml = config.to_toml_string();
     let threads = worker_threads(&config);
-    show_configuration(&config, &config_toml, local_workers(&workers), threads);
+    // Bound before anything is shown or loaded, so that a port in use stops the job at once.
+    let metrics_listener = match config.metrics_addr.as_str() {
+        "off" => None,
+        addr => Some(crate::monitor::http::bind(addr).await?),
+    };
+    let watch_url = metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| monitor_url(&a));
+    show_configuration(
+        &config,
+        &config_toml,
+        local_workers(&workers),
+        threads,
+        watch_url.as_deref(),
+    );
 
     let data_started = Instant::now();
     let data = Arc::new(Mnist::load_or_download(config.data_dir.as_deref())?);
@@ -165,10 +180,7 @@ pub async fn run(
 
     let listener = crate::server::bind(&config.listen).await?;
     let local_addr = listener.local_addr()?;
-    let metrics_listener = match config.metrics_addr.as_str() {
-        "off" => None,
-        addr => Some(crate::monitor::http::bind(addr).await?),
-    };
+
     let network = Network::new(&config.model);
     let (run, start) = match resume {
         None => {
@@ -341,17 +353,24 @@ fn start_monitor(
             let _ = stop.wait_for(|stopped| *stopped).await;
         },
     ));
-    let shown = if addr.ip().is_unspecified() {
-        format!("http://<this host>:{}", addr.port())
-    } else {
-        format!("http://{addr}")
-    };
+    let shown = monitor_url(&addr);
+    // A person at a terminal saw it in the header.
     tracing::info!(
         event = "monitor",
+        detail = true,
         addr = %addr,
         "dashboard {shown}/  metrics {shown}/metrics"
     );
     Ok((monitor, server))
+}
+
+/// How to reach the monitor on `addr`.
+fn monitor_url(addr: &std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://<this host>:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
 }
 
 /// Whether the job spawns its workers.
@@ -373,12 +392,24 @@ fn worker_threads(config: &JobConfig) -> u32 {
 /// The job as it starts: for a person, a short header (the whole configuration with `-v`); in
 /// plain logs the effective configuration as TOML, as it is saved in the run directory; in
 /// JSON one `config` event holding it.
-fn show_configuration(config: &JobConfig, config_toml: &str, local: bool, threads: u32) {
+fn show_configuration(
+    config: &JobConfig,
+    config_toml: &str,
+    local: bool,
+    threads: u32,
+    watch: Option<&str>,
+) {
     let out = logging::output();
     match out.format {
         _ if out.quiet => {}
         Format::Human => {
             let mut text = header(config, local, threads, &out);
+            if let Some(url) = watch {
+                text.push_str(&format!(
+                    "\n{} {url}/ (dashboard), {url}/metrics (Prometheus)",
+                    logging::paint(&out, "1", &format!("{:<8}", "watch"))
+                ));
+            }
             if out.verbose > 0 {
                 text.push_str(&format!("\n# effective configuration\n{config_toml}"));
             }
