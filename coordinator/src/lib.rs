@@ -11,6 +11,7 @@
 //! - [`launcher`]: spawns, supervises and restarts local `lockstep-worker` processes.
 //! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary), and reopening it.
 //! - [`observe`]: what the engine tells observers (metrics, dashboard, TensorBoard) as a run goes.
+//! - [`tensorboard`]: TensorBoard event files under `RUN_DIR/tensorboard/`.
 //! - [`progress`]: the per-epoch progress bar or log lines.
 //! - [`server`]: binds the listener and serves the service plus `grpc.health.v1`.
 //! - [`certs`]: `lockstep certs`, a CA and certificates for a quick start with TLS.
@@ -26,4 +27,5 @@ pub mod progress;
 pub mod run_dir;
 pub mod server;
 pub mod service;
+pub mod tensorboard;
 pub mod train;

@@ -262,8 +262,9 @@ pub async fn run(
 }
 
 /// Who watches the run as it goes ([`crate::observe`]).
-fn observers(_config: &JobConfig, _run: &RunDir) -> Result<Observers> {
-    let observers = Observers::default();
+fn observers(config: &JobConfig, run: &RunDir) -> Result<Observers> {
+    let mut observers = Observers::default();
+    observers.add(crate::tensorboard::TensorBoard::open(run.path(), config));
     Ok(observers)
 }
 
