@@ -28,7 +28,7 @@
 mod event_file;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lockstep_common::config::JobConfig;
 
@@ -38,8 +38,6 @@ use event_file::{event, scalar, text, EventFile, SessionLog, SESSION_START};
 
 /// The run's TensorBoard event file.
 pub struct TensorBoard {
-    /// `RUN_DIR/tensorboard`, for the warning when it cannot be created.
-    dir: PathBuf,
     /// `None` once writing failed (and was logged).
     file: Option<EventFile>,
     /// Step scalars every this many global steps; 0: none.
@@ -60,11 +58,13 @@ impl TensorBoard {
             every: u64::from(config.tensorboard_every_steps),
             window: Window::default(),
             started: false,
-            dir,
         };
-        match EventFile::create(&sink.dir) {
+        match EventFile::create(&dir) {
             Ok(file) => sink.file = Some(file),
-            Err(e) => sink.warn(&sink.dir, &e),
+            Err(e) => tracing::warn!(
+                "cannot write TensorBoard's event files into {}: {e}; training goes on without them",
+                dir.display()
+            ),
         }
         let markdown = format!("```toml\n{}\n```", config.to_toml_string().trim_end());
         sink.write(event_with(0, vec![text("config", &markdown)]), true);
@@ -85,8 +85,7 @@ impl TensorBoard {
             .and_then(|()| if flush { file.flush() } else { Ok(()) });
         if let Err(e) = written {
             let path = file.path().to_path_buf();
-            self.file = None;
-            self.warn(&path, &e);
+            self.give_up(&path, &e);
         }
     }
 
@@ -96,15 +95,15 @@ impl TensorBoard {
         };
         if let Err(e) = file.flush() {
             let path = file.path().to_path_buf();
-            self.file = None;
-            self.warn(&path, &e);
+            self.give_up(&path, &e);
         }
     }
 
-    fn warn(&self, path: &Path, error: &std::io::Error) {
+    /// Says once that the file at `path` failed with `error`; nothing is written after.
+    fn give_up(&mut self, path: &Path, error: &std::io::Error) {
+        self.file = None;
         tracing::warn!(
-            "cannot write TensorBoard's event file in {}: {error} ({}); training goes on without it",
-            self.dir.display(),
+            "cannot write TensorBoard's event file {}: {error}; training goes on without it",
             path.display()
         );
     }
@@ -345,6 +344,22 @@ mod tests {
         let mut tb = TensorBoard::open(dir.path(), &config(1));
         assert!(tb.path().is_none());
         tb.step(&step(1, 1.0, 10, 0.5));
+        tb.epoch(&EpochMetrics::default());
+        drop(tb);
+    }
+
+    #[test]
+    fn a_file_that_stops_taking_writes_is_given_up_and_training_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tb = TensorBoard::open(dir.path(), &config(1));
+        let full = Path::new("/dev/full");
+        let file = std::fs::OpenOptions::new().write(true).open(full).unwrap();
+        tb.file = Some(EventFile::over(full, file));
+        tb.step(&step(1, 1.0, 10, 0.5));
+        assert!(tb.path().is_some(), "buffered, not yet written");
+        tb.epoch(&EpochMetrics::default());
+        assert!(tb.path().is_none(), "the failed flush gives the file up");
+        tb.step(&step(2, 1.0, 10, 0.5));
         tb.epoch(&EpochMetrics::default());
         drop(tb);
     }

@@ -218,6 +218,16 @@ impl EventFile {
         Ok(file)
     }
 
+    /// An event file over `file` at `path`, as is (for tests of failing writes).
+    #[cfg(test)]
+    pub fn over(path: &Path, file: File) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+            flushed: Instant::now(),
+        }
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
