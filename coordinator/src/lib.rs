@@ -12,6 +12,7 @@
 //! - [`run_dir`]: the run directory (config, metrics, checkpoints, summary), and reopening it.
 //! - [`monitor`]: Prometheus `/metrics` and the live dashboard, over HTTP.
 //! - [`observe`]: what the engine tells observers (metrics, dashboard, TensorBoard) as a run goes.
+//! - [`tensorboard`]: TensorBoard event files under `RUN_DIR/tensorboard/`.
 //! - [`progress`]: the per-epoch progress bar or log lines.
 //! - [`server`]: binds the listener and serves the service plus `grpc.health.v1`.
 //! - [`certs`]: `lockstep certs`, a CA and certificates for a quick start with TLS.
@@ -28,4 +29,5 @@ pub mod progress;
 pub mod run_dir;
 pub mod server;
 pub mod service;
+pub mod tensorboard;
 pub mod train;

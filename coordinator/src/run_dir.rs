@@ -1,8 +1,9 @@
 //! The run directory: `config.toml` (the effective configuration), `metrics.jsonl` (one line
 //! per epoch), `checkpoints/` (`epoch-NNNN.safetensors` after each epoch, and the newest
 //! `epoch-NNNN-step-SSSSSS.safetensors` within one), `model.safetensors` (PyTorch names) and
-//! `summary.json`, plus `logs/` for the workers this coordinator spawned. A run directory can be
-//! reopened to resume the run from its newest checkpoint ([`RunDir::reopen`]).
+//! `summary.json`, plus `logs/` for the workers this coordinator spawned and `tensorboard/` for
+//! TensorBoard's event files ([`crate::tensorboard`]). A run directory can be reopened to resume
+//! the run from its newest checkpoint ([`RunDir::reopen`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -302,14 +302,15 @@ pub async fn run(
 
 /// Who watches the run as it goes ([`crate::observe`]).
 fn observers(
-    _config: &JobConfig,
-    _run: &RunDir,
+    config: &JobConfig,
+    run: &RunDir,
     monitor: Option<&Arc<Monitor>>,
 ) -> Result<Observers> {
     let mut observers = Observers::default();
     if let Some(m) = monitor {
         observers.add(crate::monitor::Watch(m.clone()));
     }
+    observers.add(crate::tensorboard::TensorBoard::open(run.path(), config));
     Ok(observers)
 }
 
