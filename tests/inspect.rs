@@ -209,8 +209,13 @@ fn predict_draws_a_grid_of_test_digits_and_reads_a_persons_own_pictures() {
     }
     assert!(err.contains("inverted"), "says it inverted: {err}");
     assert_eq!(
-        png_size(&run.join("predictions.png")),
+        png_size(&run.join("predictions-own.png")),
         (2 * 8 + 3 * 104, 40 + 134 + 8)
+    );
+    assert_eq!(
+        png_size(&run.join("predictions.png")),
+        (848, 316),
+        "the test digits' grid is kept"
     );
 }
 

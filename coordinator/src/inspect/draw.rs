@@ -75,20 +75,14 @@ pub fn png(
     write_png(path, buffer, (width, height))
 }
 
-/// Writes RGB pixels (row by row from the top) as a PNG file.
+/// Writes RGB pixels (row by row from the top) as a PNG file, compressed hard (pictures of a
+/// few hundred kilobytes that people keep and commit).
 pub fn write_png(path: &Path, rgb: Vec<u8>, (width, height): (u32, u32)) -> Result<()> {
-    let image = image::RgbImage::from_raw(width, height, rgb).ok_or_else(|| {
-        anyhow!(
-            "a {width}×{height} picture needs {} bytes",
-            width * height * 3
-        )
-    })?;
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
     let mut bytes = Vec::new();
-    image
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::Adaptive)
+        .write_image(&rgb, width, height, image::ExtendedColorType::Rgb8)
         .with_context(|| format!("encoding {}", path.display()))?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }

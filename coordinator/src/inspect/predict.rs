@@ -45,8 +45,8 @@ pub struct PredictArgs {
     /// cache, ~/.cache/lockstep/mnist).
     #[arg(long, env = "LOCKSTEP_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Where to write the grid (default: predictions.png in the run directory,
-    /// predictions-<checkpoint>.png for a checkpoint).
+    /// Where to write the grid (default: predictions.png in the run directory, or
+    /// predictions-own.png for --image; suffixed -<checkpoint> for a checkpoint).
     #[arg(long, value_name = "FILE.png")]
     pub out: Option<PathBuf>,
     /// Print one JSON object instead of the lines for people.
@@ -74,10 +74,16 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     } else {
         own_pictures(&args.image, &model)?
     };
+    // A person's pictures get a grid of their own, beside the test digits' rather than over it.
+    let name = if args.image.is_empty() {
+        "predictions"
+    } else {
+        "predictions-own"
+    };
     let grid = args
         .out
         .clone()
-        .unwrap_or_else(|| model.output_path("predictions", "png"));
+        .unwrap_or_else(|| model.output_path(name, "png"));
     let labelled = shown.iter().filter(|s| s.truth.is_some()).count();
     let right = shown
         .iter()
