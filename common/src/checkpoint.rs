@@ -1,15 +1,18 @@
 //! Saved training state in safetensors: parameters under their PyTorch names (so a
 //! checkpoint is also a loadable `state_dict`), optimizer buffers as `optimizer.<buffer>`, and
 //! the position in training plus the configuration as metadata. The same bytes serve the
-//! per-epoch checkpoints and the state a joining worker fetches.
+//! per-epoch checkpoints and the state a joining worker fetches. The final `model.safetensors`
+//! holds the parameters alone, with one metadata entry naming the network ([`ModelInfo`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
 
 use crate::codec::TensorSpec;
+use crate::config::ModelConfig;
 use crate::optim::OptimizerState;
 
 /// Where in the schedule a state was taken: after `step` steps of epoch `epoch` (a finished
@@ -50,8 +53,70 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     crate::codec::encode_f32(v)
 }
 
-/// Serialises parameters alone under their PyTorch names (`model.safetensors`).
-pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32]) -> Result<Vec<u8>> {
+/// The metadata key of [`ModelInfo`] in `model.safetensors`.
+pub const MODEL_INFO_KEY: &str = "lockstep";
+
+/// What `model.safetensors` says about the network it holds, as JSON under the metadata key
+/// [`MODEL_INFO_KEY`]: enough to rebuild the network and its input transform without the run's
+/// `config.toml`. Not the whole configuration: two runs that reach the same parameters (other
+/// worker counts, other run directories) write the same bytes, and a single entry keeps them so
+/// (safetensors writes a metadata map in no fixed order).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The network.
+    pub model: ModelConfig,
+    /// Whether inputs were standardised with MNIST's mean and deviation.
+    pub normalize: bool,
+}
+
+/// What a safetensors file says about the model in it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredModel {
+    /// A checkpoint: the run's whole configuration (TOML) and where in training it was taken.
+    Checkpoint {
+        /// The configuration saved with it.
+        config_toml: String,
+        /// Its position in the schedule.
+        position: Position,
+    },
+    /// A final `model.safetensors` that names its network.
+    Model(ModelInfo),
+    /// Neither: a `model.safetensors` from before [`ModelInfo`], or another program's file.
+    Unknown,
+}
+
+/// Reads what the safetensors file `bytes` says about its model (its header only).
+pub fn stored_model(bytes: &[u8]) -> Result<StoredModel> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .context("not a safetensors file (its header does not parse)")?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) == Some("lockstep-checkpoint-v1") {
+        let num = |k: &str| -> Result<u64> {
+            meta.get(k)
+                .ok_or_else(|| anyhow!("checkpoint metadata lacks `{k}`"))?
+                .parse()
+                .with_context(|| format!("checkpoint metadata `{k}`"))
+        };
+        return Ok(StoredModel::Checkpoint {
+            config_toml: meta.get("config").cloned().unwrap_or_default(),
+            position: Position {
+                epoch: num("epoch")?,
+                step: num("step")?,
+            },
+        });
+    }
+    match meta.get(MODEL_INFO_KEY) {
+        Some(json) => Ok(StoredModel::Model(
+            serde_json::from_str(json).with_context(|| {
+                format!("metadata `{MODEL_INFO_KEY}` does not describe a model")
+            })?,
+        )),
+        None => Ok(StoredModel::Unknown),
+    }
+}
+
+/// Serialises parameters alone under their PyTorch names (`model.safetensors`), with `info`.
+pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32], info: &ModelInfo) -> Result<Vec<u8>> {
     let data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
         .iter()
         .map(|s| {
@@ -66,7 +131,52 @@ pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32]) -> Result<Vec<u8>>
         .iter()
         .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    Ok(safetensors::serialize(views, None)?)
+    let meta = HashMap::from([(MODEL_INFO_KEY.to_string(), serde_json::to_string(info)?)]);
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+/// The parameters of `layout` from a checkpoint or a model file (other tensors are ignored).
+/// Every tensor is checked against its name, type and shape before anything is allocated, so
+/// a file for another network is refused with the tensor that differs.
+pub fn params_from_bytes(layout: &[TensorSpec], bytes: &[u8]) -> Result<Vec<f32>> {
+    let tensors = safetensors::SafeTensors::deserialize(bytes).context("reading the tensors")?;
+    read_params(&tensors, layout)
+}
+
+/// One `F32` tensor of `shape`, or an error naming it.
+fn read_f32(tensors: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = check_f32(tensors, name, shape)?;
+    Ok(crate::codec::decode_f32(t.data(), shape.iter().product())?)
+}
+
+fn check_f32<'a>(
+    tensors: &'a safetensors::SafeTensors,
+    name: &str,
+    shape: &[usize],
+) -> Result<TensorView<'a>> {
+    let t = tensors
+        .tensor(name)
+        .map_err(|_| anyhow!("it has no tensor `{name}`"))?;
+    if t.dtype() != Dtype::F32 || t.shape() != shape {
+        bail!(
+            "tensor `{name}` is {:?} {:?}, the model needs F32 {shape:?}",
+            t.dtype(),
+            t.shape()
+        );
+    }
+    Ok(t)
+}
+
+/// The flat parameters of `layout`, every tensor checked before the buffer is allocated.
+fn read_params(tensors: &safetensors::SafeTensors, layout: &[TensorSpec]) -> Result<Vec<f32>> {
+    for s in layout {
+        check_f32(tensors, &s.name, &s.shape)?;
+    }
+    let mut params = vec![0.0; crate::codec::layout_len(layout)];
+    for s in layout {
+        params[s.range()].copy_from_slice(&read_f32(tensors, &s.name, &s.shape)?);
+    }
+    Ok(params)
 }
 
 impl TrainingState {
@@ -152,24 +262,8 @@ impl TrainingState {
                 .parse()
                 .with_context(|| format!("checkpoint metadata `{k}`"))
         };
-        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = tensors
-                .tensor(name)
-                .with_context(|| format!("checkpoint lacks tensor `{name}`"))?;
-            if t.dtype() != Dtype::F32 || t.shape() != shape {
-                bail!(
-                    "checkpoint tensor `{name}` is {:?} {:?}, the model needs F32 {shape:?}",
-                    t.dtype(),
-                    t.shape()
-                );
-            }
-            Ok(crate::codec::decode_f32(t.data(), shape.iter().product())?)
-        };
         let len = crate::codec::layout_len(layout);
-        let mut params = vec![0.0; len];
-        for s in layout {
-            params[s.range()].copy_from_slice(&read(&s.name, &s.shape)?);
-        }
+        let params = read_params(&tensors, layout)?;
         let mut buffers = Vec::new();
         let mut named = std::collections::HashSet::new();
         for name in meta
@@ -188,7 +282,7 @@ impl TrainingState {
             }
             buffers.push((
                 name.to_string(),
-                read(&format!("optimizer.{name}"), &[len])?,
+                read_f32(&tensors, &format!("optimizer.{name}"), &[len])?,
             ));
         }
         let state = TrainingState {
@@ -296,14 +390,77 @@ mod tests {
     }
 
     #[test]
-    fn model_file_holds_only_named_parameters() {
+    fn model_file_holds_only_named_parameters_and_names_its_network() {
         let layout = pack_layout(&[("fc.weight", vec![2, 3]), ("fc.bias", vec![2])]);
-        let bytes = params_to_bytes(&layout, &[0.0; 8]).unwrap();
+        let info = ModelInfo {
+            model: ModelConfig::parse_spec("linear").unwrap(),
+            normalize: true,
+        };
+        let params: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let bytes = params_to_bytes(&layout, &params, &info).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut names = st.names();
         names.sort();
         assert_eq!(names, ["fc.bias", "fc.weight"]);
         assert_eq!(st.tensor("fc.weight").unwrap().shape(), &[2, 3]);
+        assert_eq!(
+            stored_model(&bytes).unwrap(),
+            StoredModel::Model(info.clone())
+        );
+        assert_eq!(params_from_bytes(&layout, &bytes).unwrap(), params);
+        // The same parameters, the same bytes (one metadata entry: no map order to vary).
+        assert_eq!(bytes, params_to_bytes(&layout, &params, &info).unwrap());
+    }
+
+    #[test]
+    fn a_file_for_another_network_is_refused_with_the_tensor_that_differs() {
+        let layout = pack_layout(&[("fc.weight", vec![2, 3]), ("fc.bias", vec![2])]);
+        let info = ModelInfo {
+            model: ModelConfig::parse_spec("linear").unwrap(),
+            normalize: false,
+        };
+        let bytes = params_to_bytes(&layout, &[0.0; 8], &info).unwrap();
+        let wider = pack_layout(&[("fc.weight", vec![4, 3]), ("fc.bias", vec![4])]);
+        let err = params_from_bytes(&wider, &bytes).unwrap_err().to_string();
+        assert!(
+            err.contains("`fc.weight` is F32 [2, 3], the model needs F32 [4, 3]"),
+            "{err}"
+        );
+        let deeper = pack_layout(&[("fc1.weight", vec![2, 3])]);
+        let err = params_from_bytes(&deeper, &bytes).unwrap_err().to_string();
+        assert!(err.contains("no tensor `fc1.weight`"), "{err}");
+        assert!(stored_model(b"not a safetensors file").is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_says_where_it_was_taken_and_its_configuration() {
+        let layout = pack_layout(&[("fc.bias", vec![2])]);
+        let state = TrainingState {
+            params: vec![1.0, 2.0],
+            optimizer: OptimizerState {
+                step: 3,
+                buffers: vec![],
+            },
+            position: Position { epoch: 1, step: 5 },
+        };
+        let bytes = state.to_bytes(&layout, "seed = 1").unwrap();
+        assert_eq!(
+            stored_model(&bytes).unwrap(),
+            StoredModel::Checkpoint {
+                config_toml: "seed = 1".into(),
+                position: Position { epoch: 1, step: 5 }
+            }
+        );
+        assert_eq!(params_from_bytes(&layout, &bytes).unwrap(), [1.0, 2.0]);
+        let bare = safetensors::serialize(
+            [(
+                "fc.bias",
+                TensorView::new(Dtype::F32, vec![2], &[0u8; 8]).unwrap(),
+            )],
+            None,
+        )
+        .unwrap();
+        assert_eq!(stored_model(&bare).unwrap(), StoredModel::Unknown);
     }
 }
 

@@ -162,6 +162,17 @@ impl Network {
         }
     }
 
+    /// Logits `[n, 10]` of a batch `[n, 784]` by the fastest pass the device has: the CNN's
+    /// explicit im2col pass on a CPU (see [`cnn`]), [`Network::forward`] otherwise. What
+    /// evaluation and prediction use; training's gradients have passes of their own.
+    pub fn logits(&self, params: &[Tensor], x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.config.kind == ModelKind::Cnn && x.device().is_cpu() {
+            cnn::logits(params, x)
+        } else {
+            self.forward(params, x)
+        }
+    }
+
     fn activate(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         match self.config.activation {
             Activation::Relu => h.relu(),
@@ -477,6 +488,10 @@ fn summed_cross_entropy(logits: &Tensor, y: &Tensor) -> candle_core::Result<(Ten
     Ok((loss_sum, d_logits))
 }
 
+/// Test images per forward pass of an evaluation. Training's per-epoch evaluation and `lockstep
+/// eval` use the same, so they sum the loss in the same batches and print the same figures.
+pub const EVAL_BATCH: usize = 2000;
+
 /// Test loss and accuracy of flat parameters over a whole dataset, in batches.
 pub fn evaluate(
     network: &Network,
@@ -486,6 +501,32 @@ pub fn evaluate(
     normalize: bool,
     batch: usize,
     device: &Device,
+) -> candle_core::Result<BatchStats> {
+    evaluate_each(
+        network,
+        flat,
+        images,
+        labels,
+        normalize,
+        batch,
+        device,
+        |_| Ok(()),
+    )
+}
+
+/// [`evaluate`], also handing each batch's logits `[n, 10]` to `on_logits`, in order: for
+/// callers that want every image's prediction (a confusion matrix, a grid of digits) with the
+/// very loss and accuracy the training run reported.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_each(
+    network: &Network,
+    flat: &[f32],
+    images: &[u8],
+    labels: &[u8],
+    normalize: bool,
+    batch: usize,
+    device: &Device,
+    mut on_logits: impl FnMut(&Tensor) -> candle_core::Result<()>,
 ) -> candle_core::Result<BatchStats> {
     let params = network.tensors_from_flat(flat, device)?;
     let mut total = BatchStats::default();
@@ -499,13 +540,10 @@ pub fn evaluate(
             device,
             &mut scratch,
         )?;
-        let logits = if network.config.kind == ModelKind::Cnn && device.is_cpu() {
-            cnn::logits(&params, &x)?
-        } else {
-            network.forward(&params, &x)?
-        };
+        let logits = network.logits(&params, &x)?;
         let loss_sum = (candle_nn::loss::cross_entropy(&logits, &y)? * (end - start) as f64)?;
         let s = stats(&logits, &y, &loss_sum)?;
+        on_logits(&logits)?;
         total.loss_sum += s.loss_sum;
         total.correct += s.correct;
         total.samples += s.samples;

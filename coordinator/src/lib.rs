@@ -17,10 +17,13 @@
 //! - [`server`]: binds the listener and serves the service plus `grpc.health.v1`.
 //! - [`certs`]: `lockstep certs`, a CA and certificates for a quick start with TLS.
 //! - [`train`]: puts the pieces together for `lockstep train`, fresh or resumed.
+//! - [`inspect`]: `lockstep plot`, `predict` and `eval`: curves, predictions and evaluations
+//!   of what a run wrote.
 
 pub mod certs;
 pub mod engine;
 pub mod error;
+pub mod inspect;
 pub mod launcher;
 pub mod membership;
 pub mod monitor;

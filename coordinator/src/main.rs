@@ -4,6 +4,8 @@
 //! - `lockstep check-config`: resolve and print the effective configuration, or fail.
 //! - `lockstep health`: probe a coordinator's `grpc.health.v1` service.
 //! - `lockstep certs`: make a CA and certificates for a quick start with TLS.
+//! - `lockstep plot`, `predict`, `eval`: learning curves, predictions and test evaluations of
+//!   what a run wrote.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +16,7 @@ use lockstep_common::config::{self, Overrides};
 use lockstep_common::logging::{self, LogArgs};
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_coordinator::certs;
+use lockstep_coordinator::inspect::{eval, plot, predict};
 use lockstep_coordinator::train::{self, Workers};
 
 #[derive(Parser)]
@@ -58,6 +61,15 @@ enum Command {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Draw learning curves (loss and accuracy against the epoch) of one or more runs, overlaid,
+    /// as learning-curves.png and .svg.
+    Plot(plot::PlotArgs),
+    /// Predict test digits (a grid PNG with each prediction and the true digit, mistakes in red),
+    /// or your own pictures of digits with --image.
+    Predict(predict::PredictArgs),
+    /// Measure a saved model or any checkpoint on the test set: loss, accuracy and the confusion
+    /// matrix (a table, and a heatmap PNG).
+    Eval(eval::EvalArgs),
 }
 
 /// What a TLS client trusts and presents (`lockstep health`).
@@ -314,5 +326,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plot(args) => plot::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Predict(args) => predict::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Eval(args) => eval::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -1,15 +1,17 @@
 //! The run directory: `config.toml` (the effective configuration), `metrics.jsonl` (one line
 //! per epoch), `checkpoints/` (`epoch-NNNN.safetensors` after each epoch, and the newest
-//! `epoch-NNNN-step-SSSSSS.safetensors` within one), `model.safetensors` (PyTorch names) and
-//! `summary.json`, plus `logs/` for the workers this coordinator spawned and `tensorboard/` for
-//! TensorBoard's event files ([`crate::tensorboard`]). A run directory can be reopened to resume
-//! the run from its newest checkpoint ([`RunDir::reopen`]).
+//! `epoch-NNNN-step-SSSSSS.safetensors` within one), `model.safetensors` (PyTorch names, the
+//! network in its metadata) and `summary.json`, plus `logs/` for the workers this coordinator
+//! spawned and `tensorboard/` for TensorBoard's event files ([`crate::tensorboard`]). A run
+//! directory can be reopened to resume the run from its newest checkpoint ([`RunDir::reopen`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lockstep_common::checkpoint::{params_to_bytes, write_atomic, Extras, TrainingState};
+use lockstep_common::checkpoint::{
+    params_to_bytes, write_atomic, Extras, ModelInfo, TrainingState,
+};
 use lockstep_common::codec::TensorSpec;
 use lockstep_common::logging;
 use lockstep_common::protocol::StepId;
@@ -193,7 +195,13 @@ impl RunDir {
 
     /// The checkpoints on disk with the positions their names give, newest first.
     pub fn checkpoints(&self) -> Result<Vec<(StepId, PathBuf)>> {
-        let dir = self.root.join("checkpoints");
+        Self::checkpoints_in(&self.root)
+    }
+
+    /// The checkpoints in the run directory `root`, newest first, without opening it as a run
+    /// (for reading a run, finished or not, as `lockstep eval` does).
+    pub fn checkpoints_in(root: &Path) -> Result<Vec<(StepId, PathBuf)>> {
+        let dir = root.join("checkpoints");
         let mut found = Vec::new();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -283,11 +291,18 @@ impl RunDir {
             .collect())
     }
 
-    /// Writes the final model (PyTorch names) and the summary.
-    pub fn finish(&self, layout: &[TensorSpec], params: &[f32], summary: &Summary) -> Result<()> {
+    /// Writes the final model (PyTorch names, and the network it is in its metadata) and the
+    /// summary.
+    pub fn finish(
+        &self,
+        layout: &[TensorSpec],
+        params: &[f32],
+        info: &ModelInfo,
+        summary: &Summary,
+    ) -> Result<()> {
         write_atomic(
             &self.root.join("model.safetensors"),
-            &params_to_bytes(layout, params)?,
+            &params_to_bytes(layout, params, info)?,
         )?;
         write_atomic(
             &self.root.join("summary.json"),

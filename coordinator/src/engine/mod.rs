@@ -25,11 +25,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
-use lockstep_common::checkpoint::{Position, TrainingState};
+use lockstep_common::checkpoint::{ModelInfo, Position, TrainingState};
 use lockstep_common::codec::{self, digest};
 use lockstep_common::config::Backend;
 use lockstep_common::mnist::{Mnist, IMAGE_PIXELS};
-use lockstep_common::model::{evaluate, BatchStats, Network};
+use lockstep_common::model::{evaluate, BatchStats, Network, EVAL_BATCH};
 use lockstep_common::optim::Optimizer;
 use lockstep_common::protocol::{self, FromCoordinator, Stamp, StepId, Work};
 use lockstep_common::reduce::average_in_shard_order;
@@ -54,8 +54,6 @@ use inflight::{InFlight, Slot, Step};
 const PIPELINE_DEPTH: u64 = 2;
 /// Most steps whose work is out at once (what the memory check counts gradients for).
 pub const STEPS_IN_FLIGHT: u64 = PIPELINE_DEPTH + 1;
-/// Test images per evaluation forward pass.
-const EVAL_BATCH: usize = 2000;
 /// How long the state after an epoch may take to arrive from the workers (collective modes).
 const STATE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -1009,8 +1007,12 @@ impl Engine {
             seed: cfg.seed,
             params_sha256: digest(&[&self.params]),
         };
+        let info = ModelInfo {
+            model: cfg.model.clone(),
+            normalize: cfg.normalize,
+        };
         self.run
-            .finish(&self.shared.layout, &self.params, &summary)?;
+            .finish(&self.shared.layout, &self.params, &info, &summary)?;
         self.observers.finished(&summary);
         Ok(summary)
     }
