@@ -55,6 +55,9 @@ impl Job {
         cmd.args(["--external-workers", "--epochs", "1", "--backend", backend])
             .args(["--workers", &workers.to_string()])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            // With external workers the dashboard defaults to 0.0.0.0:9090, which the jobs
+            // of these tests, run in parallel, cannot all have.
+            .args(["--metrics-addr", "off"])
             .env("LOCKSTEP_TOKEN", TOKEN)
             .env("LOCKSTEP_TRAIN_SAMPLES", SAMPLES.to_string());
         for (k, v) in env {
