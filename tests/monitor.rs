@@ -157,6 +157,7 @@ fn a_running_job_serves_metrics_a_real_parser_reads_and_a_dashboard_a_real_brows
     let mut job = Running::start(
         train_command(&run)
             .args(["--epochs", "200", "--workers", "2"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .env("LOCKSTEP_TRAIN_SAMPLES", "6000"),
     );
     let url = dashboard_url(&mut job);

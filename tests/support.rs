@@ -62,6 +62,8 @@ pub fn train_command(out: &Path) -> Command {
         .arg("--out")
         .arg(out)
         .env_remove("LOCKSTEP_TOKEN")
+        // No dashboard unless a test asks: external jobs would all default to port 9090.
+        .env("LOCKSTEP_METRICS_ADDR", "off")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     cmd
@@ -75,6 +77,8 @@ pub fn resume_command(run: &Path) -> Command {
         .arg(run)
         .env("LOCKSTEP_DATA_DIR", data_dir())
         .env_remove("LOCKSTEP_TOKEN")
+        // No dashboard unless a test asks: external jobs would all default to port 9090.
+        .env("LOCKSTEP_METRICS_ADDR", "off")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     cmd
