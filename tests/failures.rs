@@ -7,22 +7,6 @@ use std::time::{Duration, Instant};
 
 use lockstep_tests::*;
 
-fn assert_clean_failure(out: &std::process::Output, needles: &[&str]) -> String {
-    let err = stderr_of(out);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success:\n{err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "a panic instead of an error:\n{err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "error lacks `{n}`:\n{err}");
-    }
-    err
-}
-
 fn start_training_then(
     signal_no: i32,
     extra_env: &[(&str, &str)],

@@ -429,3 +429,21 @@ pub fn python_with(packages: &[&str]) -> PathBuf {
     }
     python
 }
+
+/// Asserts that a command failed cleanly: a non-zero exit, no panic, and an error that holds
+/// every one of `needles`. Returns the standard error.
+pub fn assert_clean_failure(out: &Output, needles: &[&str]) -> String {
+    let err = stderr_of(out);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "a panic instead of an error:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "error lacks `{n}`:\n{err}");
+    }
+    err
+}

@@ -366,17 +366,22 @@ mod tests {
         assert!(TrainingState::from_bytes(&layout, &bytes[..bytes.len() - 3]).is_err());
     }
 
-    #[test]
-    fn extras_round_trip_and_are_optional() {
-        let layout = pack_layout(&[("fc.bias", vec![2])]);
-        let state = TrainingState {
+    /// Two parameters, SGD's state after 3 steps, taken at step 5 of epoch 2.
+    fn two_params_at_epoch_2_step_5() -> TrainingState {
+        TrainingState {
             params: vec![1.0, 2.0],
             optimizer: OptimizerState {
                 step: 3,
                 buffers: vec![],
             },
             position: Position { epoch: 1, step: 5 },
-        };
+        }
+    }
+
+    #[test]
+    fn extras_round_trip_and_are_optional() {
+        let layout = pack_layout(&[("fc.bias", vec![2])]);
+        let state = two_params_at_epoch_2_step_5();
         let extras = Extras {
             progress: Some("{\"samples\":320}".into()),
             coverage: Some(vec![0, 1, 1, 0]),
@@ -435,14 +440,7 @@ mod tests {
     #[test]
     fn a_checkpoint_says_where_it_was_taken_and_its_configuration() {
         let layout = pack_layout(&[("fc.bias", vec![2])]);
-        let state = TrainingState {
-            params: vec![1.0, 2.0],
-            optimizer: OptimizerState {
-                step: 3,
-                buffers: vec![],
-            },
-            position: Position { epoch: 1, step: 5 },
-        };
+        let state = two_params_at_epoch_2_step_5();
         let bytes = state.to_bytes(&layout, "seed = 1").unwrap();
         assert_eq!(
             stored_model(&bytes).unwrap(),

@@ -324,10 +324,7 @@ fn start_monitor(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(Arc<Monitor>, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let addr = listener.local_addr()?;
-    let optimizer = match config.optimizer.kind {
-        OptimizerKind::Sgd => format!("sgd lr {}", config.optimizer.lr),
-        OptimizerKind::Adam => format!("adam lr {}", config.optimizer.lr),
-    };
+    let optimizer = describe_optimizer(config);
     let job = Job {
         preset: config.preset.clone(),
         model: config.model.describe(),
@@ -432,10 +429,7 @@ fn show_configuration(
 /// directory.
 fn header(config: &JobConfig, local: bool, threads: u32, out: &logging::Output) -> String {
     let label = |l: &str| logging::paint(out, "1", &format!("{l:<8}"));
-    let optimizer = match config.optimizer.kind {
-        OptimizerKind::Sgd => format!("sgd lr {}", config.optimizer.lr),
-        OptimizerKind::Adam => format!("adam lr {}", config.optimizer.lr),
-    };
+    let optimizer = describe_optimizer(config);
     let workers = if local {
         format!(
             "{} local ({threads} thread{} each)",
@@ -466,6 +460,15 @@ fn header(config: &JobConfig, local: bool, threads: u32, out: &logging::Output) 
         config.backend,
         label("run"),
     )
+}
+
+/// The optimizer in a few words: `adam lr 0.001`.
+fn describe_optimizer(config: &JobConfig) -> String {
+    let kind = match config.optimizer.kind {
+        OptimizerKind::Sgd => "sgd",
+        OptimizerKind::Adam => "adam",
+    };
+    format!("{kind} lr {}", config.optimizer.lr)
 }
 
 /// The end of a job: for a person, a table of the epochs and what to do next; for everyone
