@@ -3,6 +3,7 @@
 //! counters, `_seconds` for durations), encoded as OpenMetrics text for `/metrics`.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -70,6 +71,9 @@ pub struct Metrics {
     last_checkpoint_age: FloatGauge,
     /// Bytes of one worker's gradient (the parameters as f32).
     gradient_bytes: u64,
+    /// Each rank's compute, wait and apply histograms, looked up in their families once (a
+    /// lookup formats and hashes the label, too much for every step).
+    by_rank: Mutex<Vec<Option<[Histogram; 3]>>>,
 }
 
 impl Metrics {
@@ -98,6 +102,7 @@ impl Metrics {
             last_checkpoint_time: FloatGauge::default(),
             last_checkpoint_age: FloatGauge::default(),
             gradient_bytes: parameters * 4,
+            by_rank: Mutex::new(Vec::new()),
         };
         let info = Family::<InfoLabels, Gauge>::default();
         info.get_or_create(&InfoLabels {
@@ -202,24 +207,41 @@ impl Metrics {
         self.allreduce_bytes
             .inc_by(self.gradient_bytes * r.workers as u64);
         self.step_seconds.observe(r.seconds);
-        for t in &r.timings {
-            let labels = RankLabels {
-                rank: t.rank.to_string(),
-            };
-            self.compute_seconds
-                .get_or_create(&labels)
-                .observe(t.compute_seconds);
-            self.wait_seconds
-                .get_or_create(&labels)
-                .observe(t.wait_seconds);
-            self.apply_seconds
-                .get_or_create(&labels)
-                .observe(t.apply_seconds);
+        if !r.timings.is_empty() {
+            let mut by_rank = self.by_rank.lock().unwrap_or_else(|e| e.into_inner());
+            for t in &r.timings {
+                let [compute, wait, apply] = self.rank_histograms(&mut by_rank, t.rank);
+                compute.observe(t.compute_seconds);
+                wait.observe(t.wait_seconds);
+                apply.observe(t.apply_seconds);
+            }
         }
         self.workers.set(r.workers as i64);
         self.epoch.set(r.epoch as i64);
         self.train_loss.set(r.epoch_loss);
         self.samples_per_second.set(throughput);
+    }
+
+    /// `rank`'s compute, wait and apply histograms.
+    fn rank_histograms<'a>(
+        &self,
+        by_rank: &'a mut Vec<Option<[Histogram; 3]>>,
+        rank: u32,
+    ) -> &'a [Histogram; 3] {
+        let i = rank as usize;
+        if by_rank.len() <= i {
+            by_rank.resize(i + 1, None);
+        }
+        by_rank[i].get_or_insert_with(|| {
+            let labels = RankLabels {
+                rank: rank.to_string(),
+            };
+            [
+                self.compute_seconds.get_or_create(&labels).clone(),
+                self.wait_seconds.get_or_create(&labels).clone(),
+                self.apply_seconds.get_or_create(&labels).clone(),
+            ]
+        })
     }
 
     /// An epoch ended.
