@@ -472,113 +472,9 @@ ci_venv() {
   echo "$venv"
 }
 
-# A small kustomize for the features deploy/k8s uses (resources, namespace, images, strategic-
-# merge patches), so the overlays are rendered and checked where no kustomize is installed;
-# `--compare A B` checks that two renderings hold the same objects.
-write_k8s_renderer() {
-  cat >"$WORK/k8s-render.py" <<'PY'
-import json, os, sys, yaml
-
-CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole",
-                  "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass"}
-# Strategic-merge keys of the lists deploy/k8s patches; other lists are replaced.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort"}
-KNOWN = {"apiVersion", "kind", "resources", "namespace", "images", "patches", "components"}
-
-def merge(base, patch, key=None):
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            if v is None:
-                out.pop(k, None)  # `key: null` deletes the key, as in kustomize
-            else:
-                out[k] = merge(base[k], v, k) if k in base else v
-        return out
-    if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
-        mk = MERGE_KEYS[key]
-        out = list(base)
-        for item in patch:
-            idx = [i for i, b in enumerate(out) if b.get(mk) == item.get(mk)]
-            if idx:
-                out[idx[0]] = merge(out[idx[0]], item)
-            else:
-                out.insert(0, item)
-        return out
-    return patch
-
-def containers(doc):
-    spec = doc.get("spec", {})
-    spec = spec.get("template", {}).get("spec", spec)
-    return spec.get("containers", []) + spec.get("initContainers", [])
-
-def patch(docs, directory, kust):
-    for p in kust.get("patches", []):
-        assert set(p) == {"path"}, f"{directory}: only `patches: - path:` is supported, got {p}"
-        for patch in yaml.safe_load_all(open(os.path.join(directory, p["path"]))):
-            hits = [i for i, d in enumerate(docs) if d["kind"] == patch["kind"]
-                    and d["metadata"]["name"] == patch["metadata"]["name"]]
-            assert len(hits) == 1, (f"{directory}/{p['path']}: patch for {patch['kind']} "
-                                    f"{patch['metadata']['name']} matches {len(hits)} resources")
-            docs[hits[0]] = merge(docs[hits[0]], patch)
-    return docs
-
-def render(directory):
-    kust = yaml.safe_load(open(os.path.join(directory, "kustomization.yaml")))
-    unknown = set(kust) - KNOWN
-    assert not unknown, f"{directory}/kustomization.yaml: keys this renderer does not know: {unknown}"
-    docs = []
-    for r in kust.get("resources", []):
-        assert not os.path.isabs(r), f"{directory}: kustomize refuses the absolute path {r}"
-        path = os.path.normpath(os.path.join(directory, r))
-        if os.path.isdir(path):
-            docs += render(path)
-        else:
-            docs += [d for d in yaml.safe_load_all(open(path)) if d]
-    docs = patch(docs, directory, kust)
-    # A Component's resources and patches apply to what the kustomization built so far.
-    for c in kust.get("components", []):
-        cdir = os.path.normpath(os.path.join(directory, c))
-        comp = yaml.safe_load(open(os.path.join(cdir, "kustomization.yaml")))
-        assert comp.get("kind") == "Component", f"{cdir} is not a kustomize Component"
-        unknown = set(comp) - {"apiVersion", "kind", "resources", "patches"}
-        assert not unknown, f"{cdir}/kustomization.yaml: keys this renderer does not know: {unknown}"
-        for r in comp.get("resources", []):
-            docs += [d for d in yaml.safe_load_all(open(os.path.join(cdir, r))) if d]
-        docs = patch(docs, cdir, comp)
-    if "namespace" in kust:
-        for d in docs:
-            if d["kind"] not in CLUSTER_SCOPED:
-                d["metadata"]["namespace"] = kust["namespace"]
-    for img in kust.get("images", []):
-        for d in docs:
-            for c in containers(d):
-                if c["image"].split(":")[0] == img["name"]:
-                    c["image"] = img.get("newName", img["name"]) + ":" + img.get("newTag", "latest")
-    return docs
-
-def normal(x):
-    if isinstance(x, dict):
-        return {k: normal(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return sorted((normal(v) for v in x), key=lambda v: json.dumps(v, sort_keys=True))
-    return x
-
-if sys.argv[1] == "--compare":
-    a, b = ({(d["kind"], d["metadata"]["name"]): normal(d) for d in yaml.safe_load_all(open(f)) if d}
-            for f in sys.argv[2:4])
-    assert a.keys() == b.keys(), f"objects differ: {sorted(a.keys() ^ b.keys())}"
-    for k in a:
-        assert a[k] == b[k], f"{k} differs from kustomize's rendering:\n{yaml.safe_dump(a[k])}\n---\n{yaml.safe_dump(b[k])}"
-else:
-    yaml.safe_dump_all(render(sys.argv[1]), sys.stdout, sort_keys=False)
-PY
-}
-
 test_k8s_validate() {
   local venv files render
   venv=$(ci_venv)
-  write_k8s_renderer
   files=()
   # Every manifest file except kustomizations and patches (partial by design; they are checked
   # once applied, in the rendered overlays).
@@ -616,17 +512,18 @@ test_k8s_validate() {
     printf 'apiVersion: v1\nkind: Secret\nmetadata:\n  name: lockstep-token\nstringData:\n  token: %s\n' \
       "$LOCKSTEP_TOKEN" >"$WORK/k8s/my-job-$flavour/token.yaml"
   done
+  # Rendered by .ci/kustomize_render.py, a small kustomize, so that none need be installed.
   if kubectl kustomize --help >/dev/null 2>&1 && [ -z "${DEPLOY_TESTS_NO_KUSTOMIZE:-}" ]; then
     kustomize=yes
   fi
   for target in deploy/k8s/base deploy/k8s/overlays/cpu deploy/k8s/overlays/gpu \
     "$WORK/k8s/my-job-cpu" "$WORK/k8s/my-job-gpu" "$WORK/k8s/my-job-gpu-tls"; do
     render=$WORK/k8s/$(basename "$target").yaml
-    "$venv/bin/python" "$WORK/k8s-render.py" "$target" >"$render"
+    "$venv/bin/python" "$REPO/.ci/kustomize_render.py" "$target" >"$render"
     if [ "$kustomize" = yes ]; then
       # Where kustomize exists, this rendering must agree with it.
       kubectl kustomize "$target" >"$render.kustomize"
-      "$venv/bin/python" "$WORK/k8s-render.py" --compare "$render" "$render.kustomize"
+      "$venv/bin/python" "$REPO/.ci/kustomize_render.py" --compare "$render" "$render.kustomize"
     fi
     "$venv/bin/kubernetes-validate" --strict --quiet -k "$KUBE_VERSION" "$render"
     echo "  ${target#"$WORK/k8s/"}: $(grep -c '^kind:' "$render") resources valid (compared with kustomize: $kustomize)"
@@ -678,11 +575,10 @@ PY
 test_k8s_config() {
   local venv target toml
   venv=$(ci_venv)
-  write_k8s_renderer
   mkdir -p "$WORK/k8s-config"
   for target in base gpu; do
     toml=$WORK/k8s-config/$target.toml
-    "$venv/bin/python" "$WORK/k8s-render.py" "deploy/k8s/$([ "$target" = base ] && echo base || echo "overlays/$target")" \
+    "$venv/bin/python" "$REPO/.ci/kustomize_render.py" "deploy/k8s/$([ "$target" = base ] && echo base || echo "overlays/$target")" \
       >"$WORK/k8s-config/$target.yaml"
     "$venv/bin/python" - "$WORK/k8s-config/$target.yaml" >"$toml" <<'PY'
 import sys, yaml
