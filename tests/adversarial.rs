@@ -239,7 +239,7 @@ impl Fake {
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let beat_msg = message(Kind::Heartbeat(pb::Heartbeat { sent_unix_ms: 0 }));
+                let beat_msg = message(Kind::Heartbeat(pb::Heartbeat {}));
                 if beat.send(beat_msg).is_err() {
                     break;
                 }

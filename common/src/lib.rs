@@ -39,7 +39,9 @@ pub fn tune_allocator() {
 
 /// Version of the wire protocol in `proto/lockstep.proto`; a worker of another version is
 /// refused at `Join` with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: `Heartbeat.sent_unix_ms`, which nothing read, is gone.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest gRPC message either side accepts or sends. Gradients of the largest preset (`cnn`,
 /// 1.2M parameters) are about 5 MB; state transfers are chunked well below this.

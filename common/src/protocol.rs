@@ -591,12 +591,7 @@ impl From<FromWorker> for pb::WorkerMessage {
         use pb::worker_message::Kind;
         let kind = match msg {
             FromWorker::Hello { member } => Kind::Hello(pb::Hello { member }),
-            FromWorker::Heartbeat => Kind::Heartbeat(pb::Heartbeat {
-                sent_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-            }),
+            FromWorker::Heartbeat => Kind::Heartbeat(pb::Heartbeat {}),
             FromWorker::Gradient(g) => Kind::Gradient(pb::ShardGradient {
                 id: Some(g.id.into()),
                 shard: g.shard,
