@@ -7,13 +7,14 @@
 //! (`PR_SET_PDEATHSIG`), so a coordinator killed with SIGKILL leaves no orphans behind.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lockstep_common::auth::{Token, TOKEN_ENV};
 use lockstep_common::tls::ClientTlsFiles;
 use tokio::process::Command;
@@ -25,29 +26,32 @@ use crate::service::Event;
 /// Name of the worker binary, looked up next to the running `lockstep` binary.
 pub const WORKER_BIN: &str = "lockstep-worker";
 
-/// Finds `lockstep-worker`: `$LOCKSTEP_WORKER_BIN`, else beside this executable, else on PATH.
+/// Finds `lockstep-worker`: `$LOCKSTEP_WORKER_BIN`, else an executable beside this one, else
+/// one on PATH.
 pub fn worker_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("LOCKSTEP_WORKER_BIN") {
         return Ok(PathBuf::from(p));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        let sibling = exe.with_file_name(WORKER_BIN);
-        if sibling.exists() {
-            return Ok(sibling);
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(WORKER_BIN);
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-        }
-    }
-    bail!(
-        "cannot find the `{WORKER_BIN}` binary next to this `lockstep` binary or on PATH; build it \
-         (cargo build --release) or set LOCKSTEP_WORKER_BIN to its path"
-    )
+    let exe = std::env::current_exe().ok();
+    let beside = exe.as_deref().and_then(Path::parent);
+    find_worker(beside, std::env::var_os("PATH").as_deref()).with_context(|| {
+        format!(
+            "cannot find the `{WORKER_BIN}` binary next to this `lockstep` binary or on PATH; build it \
+             (cargo build --release) or set LOCKSTEP_WORKER_BIN to its path"
+        )
+    })
+}
+
+/// The executable `lockstep-worker` in the folder `beside`, else in the folders of `path` (a
+/// PATH value); a file without the executable bit does not count.
+fn find_worker(beside: Option<&Path>, path: Option<&OsStr>) -> Option<PathBuf> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let beside = beside.and_then(|dir| std::env::join_paths([dir]).ok());
+    let found = [beside.as_deref(), path]
+        .into_iter()
+        .flatten()
+        .find_map(|dirs| which::which_in(WORKER_BIN, Some(dirs), &cwd).ok());
+    found
 }
 
 /// What each spawned worker is told.
@@ -292,4 +296,38 @@ pub fn tail(path: &Path, n: usize) -> String {
         .map(|l| format!("    {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_worker_binary_is_an_executable_beside_this_one_or_on_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let make = |dir: &Path, mode: u32| {
+            std::fs::create_dir_all(dir).unwrap();
+            let bin = dir.join(WORKER_BIN);
+            std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(mode)).unwrap();
+            bin
+        };
+        let root = tempfile::tempdir().unwrap();
+        let beside = root.path().join("bin");
+        let (first, second) = (root.path().join("a"), root.path().join("b"));
+        // Not executable: passed over, beside this binary and on PATH alike.
+        make(&beside, 0o644);
+        make(&first, 0o644);
+        let on_path = make(&second, 0o755);
+        let path = std::env::join_paths([&first, &second]).unwrap();
+        assert_eq!(find_worker(Some(&beside), Some(&path)), Some(on_path));
+        let here = make(&beside, 0o755);
+        assert_eq!(find_worker(Some(&beside), Some(&path)), Some(here));
+        assert_eq!(
+            find_worker(None, Some(&std::env::join_paths([&first]).unwrap())),
+            None
+        );
+        assert_eq!(find_worker(None, None), None);
+    }
 }

@@ -324,33 +324,25 @@ fn parse_checkpoint_name(name: &str) -> Option<StepId> {
     }
 }
 
-/// The default run directory: `runs/<preset>-<UTC date>-<time>`.
+/// The default run directory: `runs/<preset>-<date>-<time>` in local time, to the second
+/// (`runs/mlp-20261123-084200`). Two runs started in the same second get the same name, and
+/// the second is refused by [`RunDir::create`] rather than mixed into the first.
 pub fn default_run_path(preset: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let t = secs % 86_400;
-    PathBuf::from("runs").join(format!(
-        "{preset}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    ))
+    run_path_at(
+        preset,
+        &jiff::Timestamp::now().to_zoned_datetime(local_time_zone()),
+    )
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+/// The system's time zone (`TZ`, else `/etc/localtime`), or UTC where none is set, as in
+/// many containers.
+fn local_time_zone() -> jiff::tz::TimeZone {
+    jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC)
+}
+
+/// The default run directory of a run started at `when`.
+fn run_path_at(preset: &str, when: &jiff::ZonedDateTime) -> PathBuf {
+    PathBuf::from("runs").join(format!("{preset}-{}", when.strftime("%Y%m%d-%H%M%S")))
 }
 
 #[cfg(test)]
@@ -358,9 +350,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_convert() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_780), (2026, 11, 23));
+    fn the_default_run_directory_is_named_by_the_local_date_and_time_to_the_second() {
+        use jiff::tz::{offset, TimeZone};
+        let instant: jiff::Timestamp = "2026-11-23T08:42:00.750Z".parse().unwrap();
+        let at = |tz: TimeZone| run_path_at("mlp", &instant.to_zoned_datetime(tz));
+        assert_eq!(at(TimeZone::UTC), Path::new("runs/mlp-20261123-084200"));
+        // The same instant east and west of Greenwich: the wall clock there, across a date line.
+        assert_eq!(
+            at(TimeZone::fixed(offset(2))),
+            Path::new("runs/mlp-20261123-104200")
+        );
+        assert_eq!(
+            at(TimeZone::fixed(offset(-9))),
+            Path::new("runs/mlp-20261122-234200")
+        );
+        let epoch = jiff::Timestamp::UNIX_EPOCH.to_zoned_datetime(TimeZone::UTC);
+        assert_eq!(
+            run_path_at("cnn", &epoch),
+            Path::new("runs/cnn-19700101-000000")
+        );
+    }
+
+    #[test]
+    fn the_default_run_directory_is_one_of_this_second() {
+        let before = jiff::Timestamp::now().to_zoned_datetime(local_time_zone());
+        let path = default_run_path("softmax");
+        let after = jiff::Timestamp::now().to_zoned_datetime(local_time_zone());
+        assert!(
+            [
+                run_path_at("softmax", &before),
+                run_path_at("softmax", &after)
+            ]
+            .contains(&path),
+            "{}",
+            path.display()
+        );
     }
 
     #[test]

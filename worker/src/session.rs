@@ -54,10 +54,11 @@ pub struct Introduction {
 
 /// How this worker names itself to the coordinator: `host/pid N`.
 pub fn worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "host".into());
+    let host = gethostname::gethostname();
+    let host = match host.to_string_lossy() {
+        name if name.is_empty() => "host".into(),
+        name => name,
+    };
     format!("{host}/pid {}", std::process::id())
 }
 
