@@ -6,6 +6,7 @@
 //! Everything that must be *identical* on every replica lives here, so that the coordinator
 //! and each worker compute bit-for-bit the same optimizer step from the same gradient.
 
+pub mod address;
 pub mod auth;
 pub mod checkpoint;
 pub mod codec;

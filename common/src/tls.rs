@@ -1,8 +1,8 @@
 //! TLS on the coordinator's port (rustls with ring, through tonic): loading certificates and
 //! keys with errors that name the file and the fix, the server's and the clients' settings,
-//! and the one place where a coordinator URL becomes an endpoint (`https://` and `grpcs://`
-//! mean TLS, `http://` plaintext, and a URL that disagrees with the TLS settings is refused
-//! rather than silently downgraded).
+//! and the one place where a coordinator URL ([`CoordinatorUrl`]) becomes an endpoint
+//! (`https://` and `grpcs://` mean TLS, `http://` plaintext, and a URL that disagrees with the
+//! TLS settings is refused rather than silently downgraded).
 //!
 //! Mutual TLS is enforced per service: the server asks every client for a certificate and
 //! verifies any it is given against `--tls-client-ca`, but lets a client without one finish the
@@ -16,6 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
+use crate::address::CoordinatorUrl;
 use crate::config::TlsConfig;
 
 /// Reads a PEM file that must hold at least one certificate.
@@ -124,25 +125,10 @@ impl ClientTlsFiles {
     }
 }
 
-/// Whether a coordinator URL asks for TLS, and its form for tonic (`grpcs://` is `https://`).
-pub fn parse_url(url: &str) -> Result<(String, bool)> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        bail!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051 or https://coordinator:50051");
-    };
-    match scheme.to_ascii_lowercase().as_str() {
-        "http" | "grpc" => Ok((format!("http://{rest}"), false)),
-        "https" | "grpcs" => Ok((format!("https://{rest}"), true)),
-        other => bail!("`{url}`: unknown scheme `{other}` (use http:// for plaintext, https:// or grpcs:// for TLS)"),
-    }
-}
-
 /// The endpoint for a coordinator URL; `tls` must be given exactly when the URL asks for TLS.
-pub fn endpoint(url: &str, tls: Option<ClientTlsConfig>) -> Result<Endpoint> {
-    let (normal, wants_tls) = parse_url(url)?;
-    let endpoint = Endpoint::from_shared(normal).with_context(|| {
-        format!("`{url}` is not a coordinator URL such as http://127.0.0.1:50051")
-    })?;
-    match (wants_tls, tls) {
+pub fn endpoint(url: &CoordinatorUrl, tls: Option<ClientTlsConfig>) -> Result<Endpoint> {
+    let endpoint = Endpoint::from(url.uri().clone());
+    match (url.tls(), tls) {
         (true, Some(config)) => endpoint
             .tls_config(config)
             .with_context(|| format!("setting up TLS for {url}")),
@@ -161,23 +147,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_say_whether_they_want_tls_and_disagreements_are_refused() {
-        assert_eq!(
-            parse_url("grpcs://c:1").unwrap(),
-            ("https://c:1".to_string(), true)
-        );
-        assert_eq!(
-            parse_url("http://[::1]:50051").unwrap(),
-            ("http://[::1]:50051".to_string(), false)
-        );
-        assert!(parse_url("ftp://x").is_err());
-        assert!(parse_url("coordinator:50051").is_err());
-        let e = endpoint("https://c:1", None).unwrap_err().to_string();
+    fn a_url_that_disagrees_with_the_tls_files_is_refused() {
+        let url = |u: &str| CoordinatorUrl::parse(u).unwrap();
+        let e = endpoint(&url("https://c:1"), None).unwrap_err().to_string();
         assert!(e.contains("--tls-ca"), "{e}");
-        let e = endpoint("http://c:1", Some(ClientTlsConfig::new()))
+        let e = endpoint(&url("http://c:1"), Some(ClientTlsConfig::new()))
             .unwrap_err()
             .to_string();
         assert!(e.contains("https://"), "{e}");
+        let e = endpoint(&url("grpc://[::1]:1"), Some(ClientTlsConfig::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`grpc://[::1]:1` is plaintext"), "{e}");
+        assert_eq!(
+            endpoint(&url("grpcs://[::1]:7"), Some(ClientTlsConfig::new()))
+                .unwrap()
+                .uri()
+                .to_string(),
+            "https://[::1]:7/"
+        );
     }
 
     #[test]

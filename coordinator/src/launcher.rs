@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::{Token, TOKEN_ENV};
 use lockstep_common::tls::ClientTlsFiles;
 use tokio::process::Command;
@@ -60,7 +61,7 @@ pub struct SpawnSpec {
     /// How many workers.
     pub count: usize,
     /// The coordinator's URL, e.g. `http://127.0.0.1:41234`.
-    pub coordinator: String,
+    pub coordinator: CoordinatorUrl,
     /// The job token, passed through the environment (never on the command line).
     pub token: Token,
     /// Compute threads per worker.
@@ -214,7 +215,7 @@ fn start(
     let mut command = Command::new(bin);
     command
         .arg("--coordinator")
-        .arg(&spec.coordinator)
+        .arg(spec.coordinator.to_string())
         .arg("--threads")
         .arg(spec.threads.to_string())
         .arg("--device")

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_common::wire::CoordinatorServer;
@@ -98,7 +99,8 @@ pub async fn serve(
 pub async fn probe_health(addr: &str, tls: &ClientTlsFiles) -> Result<bool> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let channel = lockstep_common::tls::endpoint(addr, tls.load()?)?
+    let url = CoordinatorUrl::parse(addr)?;
+    let channel = lockstep_common::tls::endpoint(&url, tls.load()?)?
         .connect_timeout(std::time::Duration::from_secs(3))
         .timeout(std::time::Duration::from_secs(3))
         .connect()

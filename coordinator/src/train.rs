@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::{Position, TrainingState};
 use lockstep_common::config::{self, Backend, JobConfig, OptimizerKind, Overrides};
@@ -133,7 +134,8 @@ pub async fn run(
         (Some(_), Workers::Local) => Some(local_worker_tls(&config.tls)?),
         _ => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let serves_tls = tls.is_some();
+    let scheme = if serves_tls { "https" } else { "http" };
     // Before anything large is allocated (MNIST, the parameters, the optimizer state).
     let parameters = lockstep_common::model::parameter_count(&config.model).unwrap_or(u64::MAX);
     memory::check(
@@ -227,7 +229,9 @@ pub async fn run(
     let spawned = if local && !done {
         let spec = SpawnSpec {
             count: config.workers as usize,
-            coordinator: format!("{scheme}://127.0.0.1:{}", local_addr.port()),
+            // The listener's own address (loopback of its family when it listens on all), so
+            // that `--listen '[::1]:0'` works as well as the default 127.0.0.1.
+            coordinator: CoordinatorUrl::for_listener(local_addr, serves_tls),
             tls: local_tls,
             token: token.clone(),
             threads,

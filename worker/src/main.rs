@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::config::{self, Overrides};
 use lockstep_common::logging::{self, LogArgs};
@@ -27,9 +28,10 @@ use lockstep_worker::session::Introduction;
     about = "Synchronous data-parallel training on MNIST: a worker"
 )]
 struct Args {
-    /// The coordinator's URL.
+    /// The coordinator's URL: http:// (or grpc://) for plaintext, https:// (or grpcs://) for
+    /// TLS; an IPv6 address goes in brackets (http://[::1]:50051).
     #[arg(long, env = "LOCKSTEP_COORDINATOR", value_name = "URL")]
-    coordinator: String,
+    coordinator: CoordinatorUrl,
     /// Compute device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,

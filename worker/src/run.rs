@@ -5,10 +5,11 @@
 //! Exit: `Ok` when the coordinator finished the job; an error when the worker was refused,
 //! removed, stopped by a signal, the job was aborted, or the coordinator stayed away.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
@@ -30,7 +31,7 @@ use crate::stream::{self, Outcome};
 /// How a worker runs.
 pub struct Options {
     /// The coordinator's URL.
-    pub coordinator: String,
+    pub coordinator: CoordinatorUrl,
     /// The job token.
     pub token: Token,
     /// The compute device.
@@ -270,18 +271,29 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// This host's address on the route to the coordinator (what the other workers can most
-/// likely reach); loopback when it cannot be found.
-fn route_to(coordinator: &str) -> IpAddr {
-    let loopback = IpAddr::from([127, 0, 0, 1]);
-    let Some(host_port) = coordinator
-        .split("://")
-        .last()
-        .map(|rest| rest.split('/').next().unwrap_or(rest))
+/// likely reach), of the coordinator's address family; loopback of that family when it cannot
+/// be found (of IPv4 when the coordinator's name does not resolve).
+fn route_to(coordinator: &CoordinatorUrl) -> IpAddr {
+    let Some(target) = coordinator
+        .resolve()
+        .ok()
+        .and_then(|a| a.into_iter().next())
     else {
-        return loopback;
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
     };
-    std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.connect(host_port).map(|()| s))
+    let (any, loopback) = match target {
+        SocketAddr::V4(_) => (
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ),
+        SocketAddr::V6(_) => (
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ),
+    };
+    // Connecting a UDP socket sends nothing: it only asks the kernel for the route.
+    std::net::UdpSocket::bind((any, 0))
+        .and_then(|s| s.connect(target).map(|()| s))
         .and_then(|s| s.local_addr())
         .map(|a| a.ip())
         .ok()
@@ -312,12 +324,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rank_0_advertises_its_address_on_the_route_to_the_coordinator() {
-        let loopback = IpAddr::from([127, 0, 0, 1]);
-        assert_eq!(route_to("http://127.0.0.1:50051"), loopback);
-        assert_eq!(route_to("http://127.0.0.1:50051/"), loopback);
+    fn rank_0_advertises_its_address_on_the_route_to_the_coordinator_in_its_family() {
+        let route = |url: &str| route_to(&CoordinatorUrl::parse(url).unwrap());
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(route("http://127.0.0.1:50051"), v4);
+        assert_eq!(route("grpc://127.0.0.1:50051/"), v4);
+        // IPv6 loopback if the machine has it; else the fallback is still IPv6 loopback.
+        assert_eq!(route("http://[::1]:50051"), v6);
         // Unresolvable: fall back to loopback rather than fail.
-        assert_eq!(route_to("http://no-such-host.invalid:1"), loopback);
-        assert_eq!(route_to("not a url"), loopback);
+        assert_eq!(route("http://no-such-host.invalid:1"), v4);
     }
 }

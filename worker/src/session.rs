@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::codec::TensorSpec;
@@ -62,7 +63,11 @@ pub fn worker_id() -> String {
     format!("{host}/pid {}", std::process::id())
 }
 
-async fn connect(url: &str, token: &Token, tls: Option<&ClientTlsConfig>) -> Result<Client> {
+async fn connect(
+    url: &CoordinatorUrl,
+    token: &Token,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Client> {
     let endpoint = lockstep_common::tls::endpoint(url, tls.cloned())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
@@ -79,7 +84,7 @@ async fn connect(url: &str, token: &Token, tls: Option<&ClientTlsConfig>) -> Res
 /// Connects and joins, retrying while the coordinator is not reachable yet (containers start
 /// in any order) until `patience` has passed; a refusal is final.
 pub async fn join(
-    url: &str,
+    url: &CoordinatorUrl,
     token: &Token,
     tls: Option<&ClientTlsConfig>,
     intro: &Introduction,
@@ -131,7 +136,7 @@ pub async fn join(
                     let cause = std::error::Error::source(&status)
                         .map(|s| s.to_string())
                         .unwrap_or_default();
-                    let hint = if url.starts_with("http://") {
+                    let hint = if !url.tls() {
                         "a coordinator that serves TLS refuses plaintext: connect with https:// and --tls-ca"
                     } else {
                         "a coordinator with mutual TLS refuses a client certificate its tls.client_ca did not sign \
@@ -160,7 +165,7 @@ pub async fn join(
                         "could not reach the coordinator at {url} within {}s ({e}); check --coordinator and that \
                          `lockstep train` is running{}",
                         patience.as_secs(),
-                        if url.starts_with("http://") {
+                        if !url.tls() {
                             " (a coordinator that serves TLS refuses plaintext: then connect with https:// and --tls-ca)"
                         } else {
                             ""
