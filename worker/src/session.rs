@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use backon::{ExponentialBuilder, Retryable};
 use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::TrainingState;
@@ -81,6 +82,23 @@ async fn connect(
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// Why an attempt to join failed.
+enum Failure {
+    /// The coordinator is not reachable (yet: containers start in any order); worth retrying.
+    Unreachable(anyhow::Error),
+    /// Refused, or the two ends disagree on TLS: retrying cannot help.
+    Final(anyhow::Error),
+}
+
+/// The waits between attempts to join: from 100 ms, doubling, at most 2 s apart.
+fn join_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+}
+
 /// Connects and joins, retrying while the coordinator is not reachable yet (containers start
 /// in any order) until `patience` has passed; a refusal is final.
 pub async fn join(
@@ -91,93 +109,34 @@ pub async fn join(
     patience: Duration,
 ) -> Result<Joined> {
     let deadline = Instant::now() + patience;
-    let mut wait = Duration::from_millis(100);
-    let (client, reply) = loop {
-        let attempt = async {
-            // A certificate the other side refuses, or that this side cannot verify, does not
-            // get better by retrying.
-            let mut client = connect(url, token, tls).await.map_err(|e| {
-                if is_tls_failure(&e) {
-                    let e = e.context(
-                        "the TLS handshake with the coordinator failed: is --tls-ca the CA that signed its \
-                         certificate, and does the certificate name the host in --coordinator (or \
-                         --tls-server-name)?",
-                    );
-                    (false, e)
-                } else {
-                    (true, anyhow!("{e:#}"))
-                }
-            })?;
-            let request = pb::JoinRequest {
-                protocol_version: intro.protocol_version,
-                worker_id: worker_id(),
-                device: intro.device.clone(),
-                model_fingerprint: intro
-                    .model
-                    .as_ref()
-                    .map(|m| m.0.clone())
-                    .unwrap_or_default(),
-                model_description: intro
-                    .model
-                    .as_ref()
-                    .map(|m| m.1.clone())
-                    .unwrap_or_default(),
-                cuda_available: intro.cuda_available,
-                pid: std::process::id(),
-            };
-            match client.join(request).await {
-                Ok(reply) => Ok((client, reply.into_inner())),
-                Err(status) if status.code() == tonic::Code::Unavailable => {
-                    Err((true, anyhow!("{}", printable(status.message()))))
-                }
-                Err(status) if std::error::Error::source(&status).is_some() => {
-                    // The connection itself broke: the two ends do not speak the same
-                    // transport.
-                    let cause = std::error::Error::source(&status)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default();
-                    let hint = if !url.tls() {
-                        "a coordinator that serves TLS refuses plaintext: connect with https:// and --tls-ca"
-                    } else {
-                        "a coordinator with mutual TLS refuses a client certificate its tls.client_ca did not sign \
-                         (--tls-cert, --tls-key)"
-                    };
-                    Err((
-                        false,
-                        anyhow!("the connection to the coordinator at {url} broke while joining ({cause}); {hint}"),
-                    ))
-                }
-                Err(status) => Err((
-                    false,
-                    anyhow!(
-                        "the coordinator refused this worker: {}",
-                        printable(status.message())
-                    ),
-                )),
-            }
-        };
-        match attempt.await {
-            Ok(ok) => break ok,
-            Err((false, e)) => return Err(e),
-            Err((true, e)) => {
-                if Instant::now() + wait > deadline {
-                    bail!(
-                        "could not reach the coordinator at {url} within {}s ({e}); check --coordinator and that \
-                         `lockstep train` is running{}",
-                        patience.as_secs(),
-                        if !url.tls() {
-                            " (a coordinator that serves TLS refuses plaintext: then connect with https:// and --tls-ca)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
+    // Plaintext to a coordinator that serves TLS looks like an unreachable one, or a broken
+    // connection: say so.
+    let plaintext = !url.tls();
+    let (client, reply) = (|| join_once(url, token, tls, intro))
+        .retry(join_backoff())
+        .sleep(tokio::time::sleep)
+        .when(|failure| matches!(failure, Failure::Unreachable(_)))
+        // Give up rather than wait past the deadline.
+        .adjust(|_, wait| wait.filter(|w| Instant::now() + *w <= deadline))
+        .notify(|failure, _| {
+            if let Failure::Unreachable(e) = failure {
                 tracing::info!("coordinator at {url} not reachable yet ({e}); retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
             }
-        }
-    };
+        })
+        .await
+        .map_err(|failure| match failure {
+            Failure::Final(e) => e,
+            Failure::Unreachable(e) => anyhow!(
+                "could not reach the coordinator at {url} within {}s ({e}); check --coordinator and that \
+                 `lockstep train` is running{}",
+                patience.as_secs(),
+                if plaintext {
+                    " (a coordinator that serves TLS refuses plaintext: then connect with https:// and --tls-ca)"
+                } else {
+                    ""
+                }
+            ),
+        })?;
     check_join_reply(&reply).context("the coordinator's join reply")?;
     let config = JobConfig::from_toml_str(&reply.job_config_toml)
         .context("the job configuration from the coordinator")?;
@@ -196,6 +155,70 @@ pub async fn join(
         config,
         network,
     })
+}
+
+/// One attempt to connect and join.
+async fn join_once(
+    url: &CoordinatorUrl,
+    token: &Token,
+    tls: Option<&ClientTlsConfig>,
+    intro: &Introduction,
+) -> Result<(Client, pb::JoinReply), Failure> {
+    // A certificate the other side refuses, or that this side cannot verify, does not get
+    // better by retrying.
+    let mut client = connect(url, token, tls).await.map_err(|e| {
+        if is_tls_failure(&e) {
+            Failure::Final(e.context(
+                "the TLS handshake with the coordinator failed: is --tls-ca the CA that signed its \
+                 certificate, and does the certificate name the host in --coordinator (or \
+                 --tls-server-name)?",
+            ))
+        } else {
+            Failure::Unreachable(anyhow!("{e:#}"))
+        }
+    })?;
+    let request = pb::JoinRequest {
+        protocol_version: intro.protocol_version,
+        worker_id: worker_id(),
+        device: intro.device.clone(),
+        model_fingerprint: intro
+            .model
+            .as_ref()
+            .map(|m| m.0.clone())
+            .unwrap_or_default(),
+        model_description: intro
+            .model
+            .as_ref()
+            .map(|m| m.1.clone())
+            .unwrap_or_default(),
+        cuda_available: intro.cuda_available,
+        pid: std::process::id(),
+    };
+    match client.join(request).await {
+        Ok(reply) => Ok((client, reply.into_inner())),
+        Err(status) if status.code() == tonic::Code::Unavailable => Err(Failure::Unreachable(
+            anyhow!("{}", printable(status.message())),
+        )),
+        Err(status) if std::error::Error::source(&status).is_some() => {
+            // The connection itself broke: the two ends do not speak the same transport.
+            let cause = std::error::Error::source(&status)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let hint = if url.tls() {
+                "a coordinator with mutual TLS refuses a client certificate its tls.client_ca did not sign \
+                 (--tls-cert, --tls-key)"
+            } else {
+                "a coordinator that serves TLS refuses plaintext: connect with https:// and --tls-ca"
+            };
+            Err(Failure::Final(anyhow!(
+                "the connection to the coordinator at {url} broke while joining ({cause}); {hint}"
+            )))
+        }
+        Err(status) => Err(Failure::Final(anyhow!(
+            "the coordinator refused this worker: {}",
+            printable(status.message())
+        ))),
+    }
 }
 
 /// Whether a connection failed in the TLS handshake (a certificate refused by either side).
@@ -260,4 +283,62 @@ pub async fn push_state(
         .await
         .context("uploading the state")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use backon::BackoffBuilder;
+
+    use super::*;
+
+    #[test]
+    fn joins_are_retried_from_100_ms_apart_doubling_up_to_2_s() {
+        let waits: Vec<u128> = join_backoff()
+            .build()
+            .take(8)
+            .map(|w| w.as_millis())
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_coordinator_is_retried_until_the_patience_is_spent_then_named() {
+        // Nothing listens on a port just released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let url = CoordinatorUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let intro = Introduction {
+            protocol_version: lockstep_common::PROTOCOL_VERSION,
+            device: "cpu".into(),
+            cuda_available: false,
+            model: None,
+        };
+        let started = Instant::now();
+        let Err(e) = join(
+            &url,
+            &Token::new("t").unwrap(),
+            None,
+            &intro,
+            Duration::from_secs(1),
+        )
+        .await
+        else {
+            panic!("joined nothing");
+        };
+        let took = started.elapsed();
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!(
+                "could not reach the coordinator at {url} within 1s"
+            )) && e.contains("refuses plaintext"),
+            "{e}"
+        );
+        // Attempts at 0, 0.1, 0.3 and 0.7 s; the next wait would end past the deadline.
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
 }
