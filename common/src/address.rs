@@ -92,16 +92,21 @@ impl CoordinatorUrl {
     }
 
     /// The URL a process on this machine reaches a listener bound to `addr` at: that address,
-    /// or loopback of its family when it listens on all of them (`0.0.0.0`, `[::]`).
-    pub fn for_listener(addr: SocketAddr, tls: bool) -> Self {
-        let ip = match addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
+    /// or loopback of its family when it listens on all of them (`0.0.0.0`, `[::]`); an error
+    /// rather than a panic should `http::Uri` ever refuse how a socket address prints.
+    pub fn for_listener(addr: SocketAddr, tls: bool) -> Result<Self, UrlError> {
+        let reach = match addr {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.port())
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), a.port())
+            }
+            own => own,
         };
         let scheme = if tls { "https" } else { "http" };
-        let url = format!("{scheme}://{}", SocketAddr::new(ip, addr.port()));
-        Self::parse(&url).expect("a socket address makes a valid URL")
+        let url = format!("{scheme}://{reach}");
+        Self::parse(&url)
     }
 
     /// Whether the URL asks for TLS (`https://`, `grpcs://`).
@@ -123,20 +128,24 @@ impl CoordinatorUrl {
 
     /// The host as an IP address, when it is one (an IPv6 address without its brackets).
     pub fn ip(&self) -> Option<IpAddr> {
-        let host = self.host();
-        let bare = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        bare.parse().ok()
+        self.bare_host().parse().ok()
     }
 
-    /// The socket addresses the host and port resolve to (a name through the system resolver).
+    /// The socket addresses the host and port resolve to (a name, or an IPv6 address with a
+    /// zone, through the system resolver).
     pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
         match self.ip() {
             Some(ip) => Ok(vec![SocketAddr::new(ip, self.port())]),
-            None => Ok((self.host(), self.port()).to_socket_addrs()?.collect()),
+            None => Ok((self.bare_host(), self.port()).to_socket_addrs()?.collect()),
         }
+    }
+
+    /// The host without the brackets of an IPv6 address.
+    fn bare_host(&self) -> &str {
+        let host = self.host();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
     }
 
     /// The URL in the form tonic connects to: `http://` or `https://`, the host and the port
@@ -250,7 +259,8 @@ mod tests {
 
     #[test]
     fn a_listener_on_all_addresses_is_reached_on_loopback_of_its_family() {
-        let url = |addr: &str, tls| CoordinatorUrl::for_listener(addr.parse().unwrap(), tls);
+        let url =
+            |addr: &str, tls| CoordinatorUrl::for_listener(addr.parse().unwrap(), tls).unwrap();
         assert_eq!(
             url("0.0.0.0:4000", false).to_string(),
             "http://127.0.0.1:4000"
@@ -262,5 +272,9 @@ mod tests {
             "http://10.1.2.3:4000"
         );
         assert!(url("[::]:1", true).tls());
+        // A link-local address keeps its zone (the interface's index).
+        let zoned = std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 4000, 0, 2);
+        let url = CoordinatorUrl::for_listener(zoned.into(), false).unwrap();
+        assert_eq!(url.to_string(), "http://[fe80::1%2]:4000");
     }
 }

@@ -231,7 +231,8 @@ pub async fn run(
             count: config.workers as usize,
             // The listener's own address (loopback of its family when it listens on all), so
             // that `--listen '[::1]:0'` works as well as the default 127.0.0.1.
-            coordinator: CoordinatorUrl::for_listener(local_addr, serves_tls),
+            coordinator: CoordinatorUrl::for_listener(local_addr, serves_tls)
+                .with_context(|| format!("the local workers' URL for {local_addr}"))?,
             tls: local_tls,
             token: token.clone(),
             threads,
@@ -551,7 +552,8 @@ fn local_worker_tls(tls: &lockstep_common::config::TlsConfig) -> Result<ClientTl
     let Some(ca) = &tls.ca else {
         bail!(
             "with TLS, local workers must verify the coordinator: set tls.ca (--tls-ca) to the CA that signed \
-             tls.cert (`lockstep certs` writes it as ca.pem), and make sure the certificate names 127.0.0.1"
+             tls.cert (`lockstep certs` writes it as ca.pem), and make sure the certificate names the listen \
+             address (127.0.0.1 by default)"
         );
     };
     if tls.client_ca.is_some() && tls.worker_cert.is_none() {
