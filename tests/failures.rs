@@ -480,3 +480,52 @@ fn a_worker_that_cannot_fit_in_memory_leaves_saying_why() {
         ],
     );
 }
+
+/// A worker stops on SIGTERM wherever it is. Here it waits to rejoin a coordinator that was
+/// killed; before, the handler of its first session had taken SIGTERM from the process and
+/// nothing listened for it any more, so the worker sat out its whole rejoin timeout.
+#[test]
+fn sigterm_stops_a_worker_waiting_to_rejoin_its_lost_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut job = Running::start(
+        train_command(&dir.path().join("run"))
+            .args(["--external-workers", "--workers", "1", "--epochs", "50"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("LOCKSTEP_TOKEN", "sigterm-token"),
+    );
+    job.wait_for("waiting for", Duration::from_secs(60));
+    let mut worker = Running::start(
+        std::process::Command::new(worker())
+            .args(["--coordinator", &url, "--threads", "1"])
+            .args(["--rejoin-timeout", "300"])
+            .env("LOCKSTEP_TOKEN", "sigterm-token")
+            .env("RUST_LOG", "info"),
+    );
+    worker.wait_for("joined as rank 0", Duration::from_secs(60));
+    job.wait_for("epoch 1/50 step", Duration::from_secs(60));
+    signal(job.child.id(), libc::SIGKILL);
+    let _ = job.finish(Duration::from_secs(10));
+    worker.wait_for("trying to rejoin", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    signal(worker.child.id(), libc::SIGTERM);
+    let (status, log) = worker.finish(Duration::from_secs(20));
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "the worker took {:?} to stop:\n{log}",
+        sent.elapsed()
+    );
+    assert!(!status.success(), "{log}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an error exit, not death by signal:\n{log}"
+    );
+    assert!(
+        log.contains("stopped by SIGTERM while rejoining after losing the coordinator"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}

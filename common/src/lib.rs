@@ -19,6 +19,7 @@ pub mod optim;
 pub mod protocol;
 pub mod reduce;
 pub mod schedule;
+pub mod shutdown;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

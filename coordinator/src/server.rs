@@ -8,11 +8,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
+use lockstep_common::shutdown::CancellationToken;
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_common::wire::CoordinatorServer;
 use lockstep_common::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 
@@ -43,14 +43,14 @@ pub async fn bind(listen: &str) -> Result<TcpListener> {
     })
 }
 
-/// Serves until `shutdown` turns true; with `tls`, only TLS connections are accepted, and
+/// Serves until `shutdown` is cancelled, then finishes the streams still open; with `tls`, only TLS connections are accepted, and
 /// with `require_client_cert` every Lockstep RPC needs a verified client certificate.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     token: Token,
     tls: Option<ServerTlsConfig>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<()> {
     let require_client_cert = shared.config.tls.client_ca.is_some();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -83,13 +83,7 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
         .add_service(checked)
-        .serve_with_incoming_shutdown(incoming, async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
         .context("serving gRPC")
 }

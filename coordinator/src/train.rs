@@ -22,8 +22,9 @@ use lockstep_common::mnist::Mnist;
 use lockstep_common::model::Network;
 use lockstep_common::optim::Optimizer;
 use lockstep_common::schedule;
+use lockstep_common::shutdown::{self, Shutdown};
 use lockstep_common::tls::ClientTlsFiles;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::engine::{Engine, EpochAccount, Start};
 use crate::launcher::{LocalWorkers, SpawnSpec};
@@ -216,16 +217,20 @@ pub async fn run(
         Workers::External(token) => (token, false),
         Workers::Local => (Token::generate(), true),
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(crate::server::serve(
+    // The servers run until the job has ended and its workers have their last message.
+    let shutdown = Shutdown::new();
+    shutdown.spawn(crate::server::serve(
         listener,
         shared.clone(),
         token.clone(),
         tls,
-        stop_rx,
+        shutdown.token(),
     ));
-
-    let signals = tokio::spawn(forward_signals(events_tx.clone()));
+    // A signal asks the engine to stop: it tells the workers and keeps what it has.
+    let interrupts = events_tx.clone();
+    shutdown.spawn_until_cancelled(async move {
+        let _ = interrupts.send(Event::Interrupted(shutdown::signalled().await));
+    });
     let spawned = if local && !done {
         let spec = SpawnSpec {
             count: config.workers as usize,
@@ -274,25 +279,26 @@ pub async fn run(
             &config_toml,
             &run,
             &shared,
-            stop_tx.subscribe(),
+            &shutdown,
         )?),
         None => None,
     };
-    let observers = observers(&config, &run, monitor.as_ref().map(|(m, _)| m))?;
+    let observers = observers(&config, &run, monitor.as_ref())?;
     let mut engine = Engine::new(shared, events_rx, data, network, start, run, launcher)?;
     engine.observe(observers);
+    // The engine is gone with its ends of the step streams: each stream closes after its
+    // last message (Finish or Abort). Local workers exit once they have theirs.
     let result = engine.run().await;
-    signals.abort();
-    // Let the final Finish/Abort messages reach the workers before the server goes away.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     if let Some(w) = spawned {
         w.shutdown().await;
     }
-    let _ = stop_tx.send(true);
-    // A frozen peer never closes its connection; do not let it hold the exit for long.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server).await;
-    if let Some((_, http)) = monitor {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), http).await;
+    // The servers stop accepting and finish the streams still open (external workers get
+    // their last message); a frozen peer never closes its connection, so this is bounded.
+    if !shutdown
+        .drain("the job ended", std::time::Duration::from_secs(1))
+        .await
+    {
+        tracing::debug!("a connection was still open 1 s after the job ended; exiting anyway");
     }
     let summary = result?;
     let epochs = RunDir::metrics_of(&run_path).unwrap_or_default();
@@ -326,8 +332,8 @@ fn start_monitor(
     config_toml: &str,
     run: &RunDir,
     shared: &Shared,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(Arc<Monitor>, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    shutdown: &Shutdown,
+) -> Result<Arc<Monitor>> {
     let addr = listener.local_addr()?;
     let optimizer = describe_optimizer(config);
     let job = Job {
@@ -349,12 +355,10 @@ fn start_monitor(
         epochs,
     );
     let monitor = Monitor::new(metrics, board);
-    let server = tokio::spawn(crate::monitor::http::serve(
+    shutdown.spawn(crate::monitor::http::serve(
         listener,
         monitor.clone(),
-        async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        },
+        shutdown.token().cancelled_owned(),
     ));
     let shown = monitor_url(&addr);
     // A person at a terminal saw it in the header.
@@ -364,7 +368,7 @@ fn start_monitor(
         addr = %addr,
         "dashboard {shown}/  metrics {shown}/metrics"
     );
-    Ok((monitor, server))
+    Ok(monitor)
 }
 
 /// How to reach the monitor on `addr`.
@@ -649,26 +653,6 @@ fn resumed_start(
     );
     run.keep_metrics_until(0)?;
     Ok(initial_start(config, network))
-}
-
-async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => { let _ = events.send(Event::Interrupted("Ctrl-C")); }
-            _ = term.recv() => { let _ = events.send(Event::Interrupted("SIGTERM")); }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = events.send(Event::Interrupted("Ctrl-C"));
-        }
-    }
 }
 
 /// Number of CUDA devices visible to this process (`CUDA_VISIBLE_DEVICES` applies).

@@ -15,6 +15,7 @@ use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::config::{self, Overrides};
 use lockstep_common::logging::{self, LogArgs};
+use lockstep_common::shutdown::Shutdown;
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_common::PROTOCOL_VERSION;
 use lockstep_worker::device::DeviceSpec;
@@ -143,7 +144,12 @@ fn run(args: Args) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(lockstep_worker::run::run(options));
+    let result = runtime.block_on(async {
+        // Ctrl-C and SIGTERM stop the worker wherever it is: joining, training or rejoining.
+        let shutdown = Shutdown::new();
+        shutdown.cancel_on_signals();
+        lockstep_worker::run::run(options, shutdown).await
+    });
     // When the job was aborted, the compute thread may still be blocked in an all-reduce whose
     // peer is gone (NCCL waits forever): do not wait for it, exit.
     runtime.shutdown_timeout(Duration::from_millis(500));

@@ -16,6 +16,7 @@ use lockstep_common::codec::TensorSpec;
 use lockstep_common::config::Backend;
 use lockstep_common::memory;
 use lockstep_common::protocol::Leave;
+use lockstep_common::shutdown::Shutdown;
 use lockstep_common::wire::pb;
 use tonic::transport::ClientTlsConfig;
 
@@ -54,28 +55,29 @@ enum Ended {
     Lost(String),
 }
 
-/// Joins and trains until the job ends; see the module documentation.
-pub async fn run(options: Options) -> Result<()> {
+/// Joins and trains until the job ends or `shutdown` is cancelled (a signal: see
+/// [`Shutdown::cancel_on_signals`]); see the module documentation.
+pub async fn run(options: Options, shutdown: Shutdown) -> Result<()> {
     let mut patience = options.connect_timeout;
     let mut sessions = 0u32;
     loop {
-        let joined = session::join(
-            &options.coordinator,
-            &options.token,
-            options.tls.as_ref(),
-            &options.intro,
-            patience,
-        )
-        .await
-        .with_context(|| {
-            if sessions > 0 {
-                "rejoining after losing the coordinator"
-            } else {
-                "joining the job"
-            }
-        })?;
+        let doing = if sessions > 0 {
+            "rejoining after losing the coordinator"
+        } else {
+            "joining the job"
+        };
+        let joined = tokio::select! {
+            joined = session::join(
+                &options.coordinator,
+                &options.token,
+                options.tls.as_ref(),
+                &options.intro,
+                patience,
+            ) => joined.context(doing)?,
+            reason = shutdown.cancelled() => bail!("stopped by {reason} while {doing}"),
+        };
         sessions += 1;
-        match train(&options, joined).await? {
+        match train(&options, joined, &shutdown).await? {
             Ended::Finished(steps) => {
                 tracing::info!(
                     event = "finished",
@@ -97,7 +99,7 @@ pub async fn run(options: Options) -> Result<()> {
 }
 
 /// One session: opens the step stream and runs the step loop on the compute thread.
-async fn train(options: &Options, joined: Joined) -> Result<Ended> {
+async fn train(options: &Options, joined: Joined, shutdown: &Shutdown) -> Result<Ended> {
     let Joined {
         mut client,
         reply,
@@ -173,9 +175,9 @@ async fn train(options: &Options, joined: Joined) -> Result<Ended> {
     tokio::pin!(compute);
     tokio::pin!(reader);
     tokio::select! {
-        signal = shutdown_signal() => {
-            leave(&client, member, format!("received {signal}")).await;
-            bail!("stopped by {signal}")
+        reason = shutdown.cancelled() => {
+            leave(&client, member, format!("received {reason}")).await;
+            bail!("stopped by {reason}")
         }
         // The compute loop ends when the stream ends, or on an error of its own.
         computed = &mut compute => {
@@ -254,22 +256,6 @@ impl StateService for CoordinatorStates {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
-async fn shutdown_signal() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return "Ctrl-C",
-                _ = term.recv() => return "SIGTERM",
-            }
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-    "Ctrl-C"
-}
-
 /// This host's address on the route to the coordinator (what the other workers can most
 /// likely reach), of the coordinator's address family; loopback of that family when it cannot
 /// be found (of IPv4 when the coordinator's name does not resolve).
@@ -334,5 +320,53 @@ mod tests {
         assert_eq!(route("http://[::1]:50051"), v6);
         // Unresolvable: fall back to loopback rather than fail.
         assert_eq!(route("http://no-such-host.invalid:1"), v4);
+    }
+
+    /// Options for a coordinator at `url` that the worker keeps trying to join for a minute.
+    fn patient_options(url: &str) -> Options {
+        Options {
+            coordinator: CoordinatorUrl::parse(url).unwrap(),
+            token: Token::generate(),
+            device: DeviceSpec::parse("cpu").unwrap(),
+            intro: Introduction {
+                protocol_version: lockstep_common::PROTOCOL_VERSION,
+                device: "cpu".into(),
+                cuda_available: false,
+                model: None,
+            },
+            connect_timeout: Duration::from_secs(60),
+            rejoin_timeout: Duration::from_secs(60),
+            advertise: None,
+            tls: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_stops_a_worker_still_waiting_to_join() {
+        // Nothing listens there: the worker would retry for a minute.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let shutdown = Shutdown::new();
+        let worker = tokio::spawn(run(
+            patient_options(&format!("http://127.0.0.1:{port}")),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!worker.is_finished(), "it gave up joining on its own");
+        let asked = std::time::Instant::now();
+        shutdown.cancel("SIGTERM");
+        let error = tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .expect("the worker stops promptly")
+            .unwrap()
+            .unwrap_err();
+        assert!(asked.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            format!("{error:#}"),
+            "stopped by SIGTERM while joining the job"
+        );
     }
 }
