@@ -507,8 +507,21 @@ fn sigterm_stops_a_worker_waiting_to_rejoin_its_lost_coordinator() {
     job.wait_for("epoch 1/50 step", Duration::from_secs(60));
     signal(job.child.id(), libc::SIGKILL);
     let _ = job.finish(Duration::from_secs(10));
+    // Hold the coordinator's port with a listener that never answers, so that no other test's
+    // process takes it meanwhile: the worker's join attempts wait on it, or are refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let silent = loop {
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "rebinding port {port}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let held = std::thread::spawn(move || silent.incoming().take(8).collect::<Vec<_>>());
     worker.wait_for("trying to rejoin", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
     signal(worker.child.id(), libc::SIGTERM);
     let (status, log) = worker.finish(Duration::from_secs(20));
@@ -528,4 +541,5 @@ fn sigterm_stops_a_worker_waiting_to_rejoin_its_lost_coordinator() {
         "{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+    drop(held);
 }

@@ -73,6 +73,7 @@ pub async fn run(options: Options, shutdown: Shutdown) -> Result<()> {
                 options.tls.as_ref(),
                 &options.intro,
                 patience,
+                sessions > 0,
             ) => joined.context(doing)?,
             reason = shutdown.cancelled() => bail!("stopped by {reason} while {doing}"),
         };

@@ -100,19 +100,22 @@ fn join_backoff() -> ExponentialBuilder {
 }
 
 /// Connects and joins, retrying while the coordinator is not reachable yet (containers start
-/// in any order) until `patience` has passed; a refusal is final.
+/// in any order) until `patience` has passed; a refusal is final. `rejoining`: this worker was
+/// in the job through the same URL and TLS settings, so a connection that breaks is the
+/// coordinator going or coming back, not two ends that disagree on TLS, and is retried.
 pub async fn join(
     url: &CoordinatorUrl,
     token: &Token,
     tls: Option<&ClientTlsConfig>,
     intro: &Introduction,
     patience: Duration,
+    rejoining: bool,
 ) -> Result<Joined> {
     let deadline = Instant::now() + patience;
     // Plaintext to a coordinator that serves TLS looks like an unreachable one, or a broken
     // connection: say so.
     let plaintext = !url.tls();
-    let (client, reply) = (|| join_once(url, token, tls, intro))
+    let (client, reply) = (|| join_once(url, token, tls, intro, rejoining))
         .retry(join_backoff())
         .sleep(tokio::time::sleep)
         .when(|failure| matches!(failure, Failure::Unreachable(_)))
@@ -163,6 +166,7 @@ async fn join_once(
     token: &Token,
     tls: Option<&ClientTlsConfig>,
     intro: &Introduction,
+    rejoining: bool,
 ) -> Result<(Client, pb::JoinReply), Failure> {
     // A certificate the other side refuses, or that this side cannot verify, does not get
     // better by retrying.
@@ -200,10 +204,16 @@ async fn join_once(
             anyhow!("{}", printable(status.message())),
         )),
         Err(status) if std::error::Error::source(&status).is_some() => {
-            // The connection itself broke: the two ends do not speak the same transport.
             let cause = std::error::Error::source(&status)
                 .map(|s| s.to_string())
                 .unwrap_or_default();
+            if rejoining {
+                // A coordinator that is dying, or starting again, resets connections.
+                return Err(Failure::Unreachable(anyhow!(
+                    "the connection broke while joining ({cause})"
+                )));
+            }
+            // The connection itself broke: the two ends do not speak the same transport.
             let hint = if url.tls() {
                 "a coordinator with mutual TLS refuses a client certificate its tls.client_ca did not sign \
                  (--tls-cert, --tls-key)"
