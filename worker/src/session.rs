@@ -332,6 +332,7 @@ mod tests {
             None,
             &intro,
             Duration::from_secs(1),
+            false,
         )
         .await
         else {
