@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use lockstep_common::config::{self, Flags, Layers};
+use lockstep_common::config::{self, Deployment, Flags, Layers};
 use lockstep_common::logging::{self, LogArgs};
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_coordinator::certs;
@@ -96,11 +96,22 @@ struct ConfigArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     flags: Flags,
+    /// Do not spawn workers: wait for --workers external ones to connect (containers, clusters).
+    #[arg(long)]
+    external_workers: bool,
 }
 
 impl ConfigArgs {
     fn layers(&self) -> Result<Layers> {
         Layers::new(self.config.as_deref(), &self.flags)
+    }
+
+    fn deployment(&self) -> Deployment {
+        if self.external_workers {
+            Deployment::External
+        } else {
+            Deployment::Local
+        }
     }
 }
 
@@ -108,9 +119,6 @@ impl ConfigArgs {
 struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Do not spawn workers: wait for --workers external ones to connect (containers, clusters).
-    #[arg(long)]
-    external_workers: bool,
     /// File holding the job token for external workers (default: $LOCKSTEP_TOKEN).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -149,15 +157,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (None, true, Some(out)) if out.join("config.toml").exists() => Some(out.clone()),
                 _ => None,
             };
-            let layers = args.config.layers()?;
+            let (layers, deployment) = (args.config.layers()?, args.config.deployment());
             let (mut config, resume) = match resume_dir {
                 Some(dir) => {
                     let resume = train::Resume::open(&dir)?;
-                    (resume.configuration(&layers)?, Some(resume))
+                    (resume.configuration(&layers, deployment)?, Some(resume))
                 }
-                None => (layers.resolve(None)?, None),
+                None => (layers.resolve(deployment, None)?, None),
             };
-            if config.backend == config::Backend::Nccl && !args.external_workers {
+            if config.backend == config::Backend::Nccl && !args.config.external_workers {
                 let gpus = lockstep_coordinator::train::visible_gpus()?;
                 if resume.is_none() && !layers.sets("workers") {
                     config.workers = gpus.max(1) as u32;
@@ -172,7 +180,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
-            let workers = if args.external_workers {
+            let workers = if args.config.external_workers {
                 Workers::External(train::external_token(args.token_file.as_deref())?)
             } else {
                 Workers::Local
@@ -187,7 +195,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(args) => {
-            let config = args.layers()?.resolve(None)?;
+            let config = args.layers()?.resolve(args.deployment(), None)?;
             print!("{}", config.to_toml_string());
             Ok(ExitCode::SUCCESS)
         }

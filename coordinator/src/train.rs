@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::{Position, TrainingState};
-use lockstep_common::config::{Backend, JobConfig, Layers};
+use lockstep_common::config::{Backend, Deployment, JobConfig, Layers};
 use lockstep_common::logging::{self, Format};
 use lockstep_common::memory;
 use lockstep_common::mnist::Mnist;
@@ -76,8 +76,8 @@ impl Resume {
 
     /// The configuration to resume with: the run's, under the file, environment and flags
     /// given now. Refuses, naming each, settings that would change what is computed.
-    pub fn configuration(&self, layers: &Layers) -> Result<JobConfig> {
-        let mut cfg = layers.resolve(Some(&self.config))?;
+    pub fn configuration(&self, layers: &Layers, deployment: Deployment) -> Result<JobConfig> {
+        let mut cfg = layers.resolve(deployment, Some(&self.config))?;
         let conflicts = self.config.resume_conflicts(&cfg);
         if !conflicts.is_empty() {
             bail!(

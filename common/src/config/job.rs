@@ -133,7 +133,8 @@ pub struct JobConfig {
     /// Number of workers (local processes to spawn, or external ones to wait for).
     pub workers: u32,
     /// Gradient all-reduce: `grpc` (CPU, through the coordinator), `tcp` (CPU, among the
-    /// workers) or `nccl` (GPUs).
+    /// workers) or `nccl` (GPUs). Unset: `tcp` for local workers, `grpc` for external ones
+    /// ([`super::Deployment::default_backend`]).
     pub backend: Backend,
     /// Folder holding the MNIST IDX files; unset: download into the cache folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -54,7 +54,7 @@ pub struct Flags {
     #[arg(long, value_name = "DIR", id = "out")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out: Option<PathBuf>,
-    /// Gradient all-reduce.
+    /// Gradient all-reduce (default: tcp for local workers, grpc for external ones).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,

@@ -23,7 +23,7 @@ pub use job::{ClusterConfig, JobConfig, OptimizerConfig, TlsConfig};
 pub use layers::{Flags, OptimizerFlags};
 pub use model_spec::ModelConfig;
 pub use names::{choices, parse_choice, Activation, Backend, ModelKind, OptimizerKind};
-pub use presets::PRESETS;
+pub use presets::{Deployment, PRESETS};
 
 /// The layers a user gives (file, environment, flags), merged in their order of precedence.
 pub struct Layers {
@@ -57,11 +57,12 @@ impl Layers {
         self.given.get::<config::Value>(key).is_ok()
     }
 
-    /// The configuration: the layers over the defaults of the preset they name. For a resumed
-    /// run, `run` is that run's configuration: the defaults when the preset is its own, and the
-    /// preset when none is given; the caller compares the result with it
+    /// The configuration: the layers over the defaults of the preset they name, for workers
+    /// deployed as `deployment` says. For a resumed run, `run` is that run's configuration: the
+    /// defaults when the preset is its own (so its backend stays unless a layer names one), and
+    /// the preset when none is given; the caller compares the result with it
     /// ([`JobConfig::resume_conflicts`]).
-    pub fn resolve(&self, run: Option<&JobConfig>) -> Result<JobConfig> {
+    pub fn resolve(&self, deployment: Deployment, run: Option<&JobConfig>) -> Result<JobConfig> {
         let preset = match self.given.get_string("preset") {
             Ok(preset) => preset,
             Err(config::ConfigError::NotFound(_)) => {
@@ -71,7 +72,7 @@ impl Layers {
         };
         let defaults = match run {
             Some(r) if r.preset == preset => r.clone(),
-            _ => JobConfig::preset(&preset)?,
+            _ => JobConfig::defaults(&preset, deployment)?,
         };
         let cfg: JobConfig = config::Config::builder()
             .add_source(
@@ -87,13 +88,14 @@ impl Layers {
     }
 }
 
-/// Resolves a new job's configuration from all layers with an explicit environment.
+/// Resolves a new job's configuration for local workers from all layers with an explicit
+/// environment.
 pub fn load_with_env(
     file: Option<&Path>,
     flags: &Flags,
     env: &[(String, String)],
 ) -> Result<JobConfig> {
-    Layers::with_env(file, flags, env)?.resolve(None)
+    Layers::with_env(file, flags, env)?.resolve(Deployment::Local, None)
 }
 
 #[cfg(test)]

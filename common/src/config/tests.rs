@@ -186,7 +186,7 @@ fn a_resumed_configuration_may_change_workers_but_not_the_arithmetic() {
     // Layered over the run's configuration, a flag-less resume is the run itself, and a
     // --preset flag brings that preset's model (which then conflicts).
     let resumed = Layers::with_env(None, &Flags::default(), &[])
-        .and_then(|l| l.resolve(Some(&run)))
+        .and_then(|l| l.resolve(Deployment::Local, Some(&run)))
         .unwrap();
     assert_eq!(resumed, run);
     let flags = Flags {
@@ -194,7 +194,7 @@ fn a_resumed_configuration_may_change_workers_but_not_the_arithmetic() {
         ..Default::default()
     };
     let resumed = Layers::with_env(None, &flags, &[])
-        .and_then(|l| l.resolve(Some(&run)))
+        .and_then(|l| l.resolve(Deployment::Local, Some(&run)))
         .unwrap();
     assert!(run
         .resume_conflicts(&resumed)
@@ -294,7 +294,43 @@ fn a_setting_counts_as_given_in_any_layer_but_not_from_the_defaults() {
     assert!(Layers::with_env(None, &flags, &[]).unwrap().sets("workers"));
     let none = Layers::with_env(None, &Flags::default(), &[]).unwrap();
     assert!(!none.sets("workers"));
-    assert_eq!(none.resolve(None).unwrap().workers, 2);
+    assert_eq!(none.resolve(Deployment::Local, None).unwrap().workers, 2);
+}
+
+#[test]
+fn local_workers_default_to_tcp_external_ones_to_grpc_and_a_resume_keeps_the_runs_backend() {
+    let backend = |layers: &Layers, deployment, run: Option<&JobConfig>| {
+        layers.resolve(deployment, run).unwrap().backend
+    };
+    let none = Layers::with_env(None, &Flags::default(), &[]).unwrap();
+    assert_eq!(backend(&none, Deployment::Local, None), Backend::Tcp);
+    assert_eq!(backend(&none, Deployment::External, None), Backend::Grpc);
+    let flags = Flags {
+        backend: Some(Backend::Grpc),
+        ..Default::default()
+    };
+    let flag = Layers::with_env(None, &flags, &[]).unwrap();
+    assert_eq!(backend(&flag, Deployment::Local, None), Backend::Grpc);
+    let variable = env(&[("LOCKSTEP_BACKEND", "tcp")]);
+    let variable = Layers::with_env(None, &Flags::default(), &variable).unwrap();
+    assert_eq!(backend(&variable, Deployment::External, None), Backend::Tcp);
+
+    // A run from before tcp was the local default saved `backend = "grpc"`: it resumes with
+    // grpc, and says so in the configuration it saves again.
+    let mut old = JobConfig::preset("mlp").unwrap();
+    old.backend = Backend::Grpc;
+    let old = JobConfig::from_toml_str(&old.to_toml_string()).unwrap();
+    let resumed = none.resolve(Deployment::Local, Some(&old)).unwrap();
+    assert_eq!(resumed.backend, Backend::Grpc);
+    assert!(resumed.to_toml_string().contains("backend = \"grpc\""));
+    let tcp = Flags {
+        backend: Some(Backend::Tcp),
+        ..Default::default()
+    };
+    let tcp = Layers::with_env(None, &tcp, &[]).unwrap();
+    let switched = tcp.resolve(Deployment::Local, Some(&old)).unwrap();
+    assert_eq!(switched.backend, Backend::Tcp);
+    assert!(old.resume_conflicts(&switched).is_empty());
 }
 
 fn env_pairs_error(pairs: &[(&str, &str)]) -> String {
