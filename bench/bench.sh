@@ -7,7 +7,8 @@
 #
 #   bash bench/bench.sh            # 3 runs with ../shared/data/mnist (or $LOCKSTEP_DATA_DIR)
 #   RUNS=5 bash bench/bench.sh
-#   BACKEND=tcp bash bench/bench.sh   # workers all-reduce among themselves (default: grpc)
+#   BACKEND=grpc bash bench/bench.sh  # through the coordinator (default: tcp, the workers
+#                                     # all-reduce among themselves, as lockstep train's default)
 #   TLS=1 bash bench/bench.sh       # the job over TLS (certificates from `lockstep certs`)
 #   BIN=/path/to/other/build bash bench/bench.sh   # another build's lockstep + lockstep-worker
 #                                      # (to compare two versions in one sitting, interleaved)
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${LOCKSTEP_DATA_DIR:-../shared/data/mnist}
 runs=${RUNS:-3}
-backend=${BACKEND:-grpc}
+backend=${BACKEND:-tcp}
 bin=${BIN:-./target/release}
 preset=${PRESET:-mlp}
 model=${MODEL:-}

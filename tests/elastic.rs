@@ -132,7 +132,11 @@ fn six_shards(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
 #[test]
 fn one_two_and_three_workers_with_the_same_shards_give_the_same_bits_with_grpc_and_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let one = six_shards(dir.path(), "grpc-1", &["--workers", "1"]);
+    let one = six_shards(
+        dir.path(),
+        "grpc-1",
+        &["--workers", "1", "--backend", "grpc"],
+    );
     let expected = sha256_file(&one.join("model.safetensors"));
     for (backend, workers) in [("grpc", "2"), ("grpc", "3"), ("tcp", "2"), ("tcp", "3")] {
         let run = six_shards(
@@ -150,7 +154,7 @@ fn one_two_and_three_workers_with_the_same_shards_give_the_same_bits_with_grpc_a
     let run = dir.path().join("grpc-1-shards-3");
     run_ok(
         train_command(&run)
-            .args(["--epochs", "1", "--workers", "1"])
+            .args(["--epochs", "1", "--workers", "1", "--backend", "grpc"])
             .env("LOCKSTEP_CLUSTER__SHARDS", "3")
             .env("LOCKSTEP_TRAIN_SAMPLES", "6400"),
         Duration::from_secs(120),
@@ -162,7 +166,9 @@ fn one_two_and_three_workers_with_the_same_shards_give_the_same_bits_with_grpc_a
 #[test]
 fn a_coordinator_killed_mid_epoch_resumes_to_the_same_bits() {
     let dir = tempfile::tempdir().unwrap();
-    let every = ["--max-restarts", "0"];
+    // grpc, which is no longer the local default: the resume below names no backend and must
+    // keep the run's.
+    let every = ["--max-restarts", "0", "--backend", "grpc"];
     let expected = fault_free(dir.path(), "reference", &every);
     let run = dir.path().join("killed");
     let mut job = Running::start(
@@ -211,6 +217,9 @@ fn a_coordinator_killed_mid_epoch_resumes_to_the_same_bits() {
         log.contains("resuming") && log.contains("epoch 2 step 5"),
         "{log}"
     );
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("backend = \"grpc\""), "{saved}");
+    assert!(log.contains("backend = \"grpc\""), "{log}");
     assert_every_sample_once(&run, &log);
     let epochs: Vec<u64> = metrics(&run)
         .iter()

@@ -371,7 +371,7 @@ fn a_model_too_large_for_the_job_is_refused_before_anything_is_allocated() {
     assert_clean_failure(&out, &needles);
 
     let out = run_with_limit(
-        train_command(&dir.path().join("b")).args(["--model", "mlp:30000"]),
+        train_command(&dir.path().join("b")).args(["--model", "mlp:30000", "--backend", "grpc"]),
         Duration::from_secs(30),
     );
     assert_clean_failure(
@@ -413,8 +413,8 @@ fn memory_available() -> u64 {
     lockstep_common::memory::available().map_or(u64::MAX, |a| a.bytes)
 }
 
-/// 15.9 million parameters (a 64 MB gradient) in 1024 shards: the coordinator would hold three
-/// steps' 1024 shard gradients, about 195 GB, and is refused before it loads MNIST.
+/// 15.9 million parameters (a 64 MB gradient) in 1024 shards with grpc: the coordinator would
+/// hold three steps' 1024 shard gradients, about 195 GB, and is refused before it loads MNIST.
 #[test]
 fn a_coordinator_that_cannot_fit_in_memory_is_refused_naming_parameters_and_bytes() {
     if memory_available() > 200 << 30 {
@@ -431,6 +431,9 @@ fn a_coordinator_that_cannot_fit_in_memory_is_refused_naming_parameters_and_byte
                 "1024",
                 "--workers",
                 "1",
+                // grpc: the coordinator holds the shard gradients.
+                "--backend",
+                "grpc",
             ])
             .env("LOCKSTEP_CLUSTER__SHARDS", "1024"),
         Duration::from_secs(30),

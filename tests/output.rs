@@ -102,7 +102,8 @@ fn a_person_at_a_terminal_gets_a_header_aligned_epoch_lines_and_a_summary() {
     let text = on_a_terminal(&run, &[], &[]);
     let lines = screen_lines(&text);
     let all = lines.join("\n");
-    // The header: the job, its workers, the backend, the device and the run directory.
+    // The header: the job, its workers, the backend (local CPU workers default to tcp), the
+    // device and the run directory.
     let job = lines.iter().find(|l| l.starts_with("job ")).expect(&all);
     assert!(job.contains("mlp") && job.contains("1 epoch"), "{job}");
     let workers = lines
@@ -111,7 +112,7 @@ fn a_person_at_a_terminal_gets_a_header_aligned_epoch_lines_and_a_summary() {
         .expect(&all);
     assert!(
         workers.contains("2 local")
-            && workers.contains("backend grpc")
+            && workers.contains("backend tcp")
             && workers.contains("device cpu"),
         "{workers}"
     );

@@ -267,6 +267,8 @@ mod tests {
     #[test]
     fn a_job_that_does_not_fit_is_refused_naming_parameters_and_both_sizes() {
         let mut c = config("mlp");
+        // With grpc the coordinator holds every shard's gradient.
+        c.backend = Backend::Grpc;
         c.cluster.shards = 1024;
         let need = Need::coordinator(&c, 12_000_000, 3);
         // 1024 shards of a 48 MB gradient, three steps deep: about 147 GB.

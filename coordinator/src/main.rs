@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use lockstep_common::config::{self, Overrides};
+use lockstep_common::config::{self, Deployment, Flags, Layers};
 use lockstep_common::logging::{self, LogArgs};
 use lockstep_common::tls::ClientTlsFiles;
 use lockstep_coordinator::certs;
@@ -94,106 +94,24 @@ struct ConfigArgs {
     /// TOML configuration file (layered over the preset's defaults).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Preset: softmax, mlp-sigmoid, mlp (default), mlp-leaky, cnn.
+    #[command(flatten)]
+    flags: Flags,
+    /// Do not spawn workers: wait for --workers external ones to connect (containers, clusters).
     #[arg(long)]
-    preset: Option<String>,
-    /// Model: `cnn`, `linear`, or `mlp:H1,H2,...[:ACTIVATION]` (e.g. mlp:256,128:gelu).
-    #[arg(long, value_name = "SPEC")]
-    model: Option<String>,
-    /// Passes over the training set.
-    #[arg(long)]
-    epochs: Option<u32>,
-    /// Global minibatch size, split across workers.
-    #[arg(long)]
-    batch_size: Option<u32>,
-    /// Learning rate.
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Optimizer: sgd or adam.
-    #[arg(long)]
-    optimizer: Option<String>,
-    /// Seed for initialisation and shuffling.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Number of workers (local processes to spawn, or external ones to wait for).
-    #[arg(long)]
-    workers: Option<u32>,
-    /// Address to listen on (default 127.0.0.1:0 for local workers, 0.0.0.0:50051 for external).
-    #[arg(long, value_name = "HOST:PORT")]
-    listen: Option<String>,
-    /// Folder with the MNIST IDX files; unset: download into ~/.cache/lockstep/mnist.
-    #[arg(long, env = "LOCKSTEP_DATA_DIR", value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// Run directory (default runs/<preset>-<date>-<time>).
-    #[arg(long, value_name = "DIR", id = "out")]
-    out: Option<PathBuf>,
-    /// Gradient all-reduce: grpc (CPU, through the coordinator), tcp (CPU, among the workers) or
-    /// nccl (CUDA GPUs).
-    #[arg(long)]
-    backend: Option<String>,
-    /// Compute threads per local worker (default: cores / workers).
-    #[arg(long)]
-    threads: Option<u32>,
-    /// Local workers: how many times in all a worker that died is started again (it rejoins
-    /// the running job), as `torchrun --max-restarts` (default 0).
-    #[arg(long)]
-    max_restarts: Option<u32>,
-    /// Serve Prometheus /metrics and the live dashboard / over HTTP on HOST:PORT (default
-    /// 127.0.0.1:0, a free loopback port printed at start), or `off`.
-    #[arg(long, value_name = "HOST:PORT|off")]
-    metrics_addr: Option<String>,
-    /// TLS: the coordinator's certificate chain (PEM); with --tls-key its port speaks only TLS
-    /// (tls.cert).
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// TLS: the coordinator's private key, readable by its owner only (tls.key).
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// Mutual TLS: workers must present a certificate signed by this CA (tls.client_ca).
-    #[arg(long, value_name = "FILE")]
-    tls_client_ca: Option<PathBuf>,
-    /// TLS with local workers: the CA that signed --tls-cert, which they trust (tls.ca).
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-    /// Mutual TLS with local workers: the certificate they present (tls.worker_cert).
-    #[arg(long, value_name = "FILE")]
-    tls_worker_cert: Option<PathBuf>,
-    /// Its private key (tls.worker_key).
-    #[arg(long, value_name = "FILE")]
-    tls_worker_key: Option<PathBuf>,
+    external_workers: bool,
 }
 
 impl ConfigArgs {
-    fn overrides(&self) -> Overrides {
-        Overrides {
-            preset: self.preset.clone(),
-            model: self.model.clone(),
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            optimizer: self.optimizer.clone(),
-            seed: self.seed,
-            workers: self.workers,
-            listen: self.listen.clone(),
-            data_dir: self.data_dir.clone(),
-            out: self.out.clone(),
-            backend: self.backend.clone(),
-            threads: self.threads,
-            max_restarts: self.max_restarts,
-            metrics_addr: self.metrics_addr.clone(),
-            tls: config::TlsConfig {
-                cert: self.tls_cert.clone(),
-                key: self.tls_key.clone(),
-                client_ca: self.tls_client_ca.clone(),
-                ca: self.tls_ca.clone(),
-                worker_cert: self.tls_worker_cert.clone(),
-                worker_key: self.tls_worker_key.clone(),
-            },
-        }
+    fn layers(&self) -> Result<Layers> {
+        Layers::new(self.config.as_deref(), &self.flags)
     }
 
-    fn load(&self) -> Result<config::JobConfig> {
-        config::load(self.config.as_deref(), &self.overrides())
+    fn deployment(&self) -> Deployment {
+        if self.external_workers {
+            Deployment::External
+        } else {
+            Deployment::Local
+        }
     }
 }
 
@@ -201,9 +119,6 @@ impl ConfigArgs {
 struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Do not spawn workers: wait for --workers external ones to connect (containers, clusters).
-    #[arg(long)]
-    external_workers: bool,
     /// File holding the job token for external workers (default: $LOCKSTEP_TOKEN).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -237,28 +152,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .build()?;
     match cli.command {
         Command::Train(args) => {
-            let resume_dir = match (&args.resume, args.auto_resume, &args.config.out) {
+            let resume_dir = match (&args.resume, args.auto_resume, &args.config.flags.out) {
                 (Some(dir), _, _) => Some(dir.clone()),
                 (None, true, Some(out)) if out.join("config.toml").exists() => Some(out.clone()),
                 _ => None,
             };
+            let (layers, deployment) = (args.config.layers()?, args.config.deployment());
             let (mut config, resume) = match resume_dir {
                 Some(dir) => {
                     let resume = train::Resume::open(&dir)?;
-                    let config = resume
-                        .configuration(args.config.config.as_deref(), &args.config.overrides())?;
-                    (config, Some(resume))
+                    (resume.configuration(&layers, deployment)?, Some(resume))
                 }
-                None => (args.config.load()?, None),
+                None => (layers.resolve(deployment, None)?, None),
             };
-            if config.backend == config::Backend::Nccl && !args.external_workers {
+            if config.backend == config::Backend::Nccl && !args.config.external_workers {
                 let gpus = lockstep_coordinator::train::visible_gpus()?;
-                if resume.is_none()
-                    && !config::workers_given(
-                        args.config.config.as_deref(),
-                        &args.config.overrides(),
-                    )
-                {
+                if resume.is_none() && !layers.sets("workers") {
                     config.workers = gpus.max(1) as u32;
                 }
                 if (gpus as u32) < config.workers {
@@ -271,7 +180,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
-            let workers = if args.external_workers {
+            let workers = if args.config.external_workers {
                 Workers::External(train::external_token(args.token_file.as_deref())?)
             } else {
                 Workers::Local
@@ -286,7 +195,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(args) => {
-            let config = args.load()?;
+            let config = args.layers()?.resolve(args.deployment(), None)?;
             print!("{}", config.to_toml_string());
             Ok(ExitCode::SUCCESS)
         }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
 use lockstep_common::checkpoint::{Position, TrainingState};
-use lockstep_common::config::{self, Backend, JobConfig, OptimizerKind, Overrides};
+use lockstep_common::config::{Backend, Deployment, JobConfig, Layers};
 use lockstep_common::logging::{self, Format};
 use lockstep_common::memory;
 use lockstep_common::mnist::Mnist;
@@ -77,8 +77,8 @@ impl Resume {
 
     /// The configuration to resume with: the run's, under the file, environment and flags
     /// given now. Refuses, naming each, settings that would change what is computed.
-    pub fn configuration(&self, file: Option<&Path>, overrides: &Overrides) -> Result<JobConfig> {
-        let mut cfg = config::load_resumed(&self.config, file, overrides)?;
+    pub fn configuration(&self, layers: &Layers, deployment: Deployment) -> Result<JobConfig> {
+        let mut cfg = layers.resolve(deployment, Some(&self.config))?;
         let conflicts = self.config.resume_conflicts(&cfg);
         if !conflicts.is_empty() {
             bail!(
@@ -473,11 +473,7 @@ fn header(config: &JobConfig, local: bool, threads: u32, out: &logging::Output) 
 
 /// The optimizer in a few words: `adam lr 0.001`.
 fn describe_optimizer(config: &JobConfig) -> String {
-    let kind = match config.optimizer.kind {
-        OptimizerKind::Sgd => "sgd",
-        OptimizerKind::Adam => "adam",
-    };
-    format!("{kind} lr {}", config.optimizer.lr)
+    format!("{} lr {}", config.optimizer.kind, config.optimizer.lr)
 }
 
 /// The end of a job: for a person, a table of the epochs and what to do next; for everyone

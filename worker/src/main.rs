@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lockstep_common::address::CoordinatorUrl;
 use lockstep_common::auth::Token;
-use lockstep_common::config::{self, Overrides};
+use lockstep_common::config::{self, Flags, ModelConfig};
 use lockstep_common::logging::{self, LogArgs};
 use lockstep_common::shutdown::Shutdown;
 use lockstep_common::tls::ClientTlsFiles;
@@ -53,8 +53,8 @@ struct Args {
     #[arg(long)]
     preset: Option<String>,
     /// Only join a job that trains this model (`mlp:100,100:relu`, `cnn`, ...).
-    #[arg(long, value_name = "SPEC")]
-    model: Option<String>,
+    #[arg(long, value_name = "SPEC", value_parser = ModelConfig::parse_spec)]
+    model: Option<ModelConfig>,
     /// With the tcp backend, the address other workers reach this one at if it becomes rank 0
     /// (default: this host's address on the route to the coordinator).
     #[arg(long, env = "LOCKSTEP_ADVERTISE_ADDR", value_name = "IP")]
@@ -114,12 +114,12 @@ fn run(args: Args) -> Result<()> {
         device.open()?;
     }
     let model = if args.preset.is_some() || args.model.is_some() {
-        let overrides = Overrides {
+        let flags = Flags {
             preset: args.preset.clone(),
             model: args.model.clone(),
             ..Default::default()
         };
-        let cfg = config::load_with_env(None, &overrides, &[])?;
+        let cfg = config::load_with_env(None, &flags, &[])?;
         Some((cfg.model_fingerprint(), cfg.model.describe()))
     } else {
         None

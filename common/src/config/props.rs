@@ -146,7 +146,7 @@ fn load_file(text: &str, env: &[(String, String)]) -> Result<JobConfig> {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let path = dir.path().join("job.toml");
     std::fs::write(&path, text).expect("writing the config file");
-    load_with_env(Some(&path), &Overrides::default(), env)
+    load_with_env(Some(&path), &Flags::default(), env)
 }
 
 /// TOML-like text: sections and assignments of known shapes, with numbers of any size.
@@ -200,7 +200,7 @@ proptest! {
             .into_iter()
             .map(|(key, value)| (format!("LOCKSTEP_{}", key.replace('.', "__").to_uppercase()), value))
             .collect();
-        if let Ok(cfg) = load_with_env(None, &Overrides::default(), &env) {
+        if let Ok(cfg) = load_with_env(None, &Flags::default(), &env) {
             check_valid(&cfg)?;
         }
     }
@@ -221,18 +221,22 @@ proptest! {
         ]),
         words in vec(proptest::option::of(prop::sample::select(WORDS.to_vec())), 3),
     ) {
-        let flags = Overrides {
+        // What clap would refuse (a model spec or a choice it cannot parse) never reaches the
+        // layers; the rest does.
+        let flags = Flags {
             seed,
             epochs,
             batch_size,
             workers,
             threads,
-            lr,
-            model,
+            model: model.and_then(|spec| ModelConfig::parse_spec(&spec).ok()),
             preset: words[0].map(str::to_string),
-            backend: words[1].map(str::to_string),
-            optimizer: words[2].map(str::to_string),
-            ..Overrides::default()
+            backend: words[1].and_then(|w| <Backend as clap::ValueEnum>::from_str(w, false).ok()),
+            optimizer: OptimizerFlags {
+                kind: words[2].and_then(|w| <OptimizerKind as clap::ValueEnum>::from_str(w, false).ok()),
+                lr,
+            },
+            ..Flags::default()
         };
         if let Ok(cfg) = load_with_env(None, &flags, &[]) {
             check_valid(&cfg)?;
@@ -261,18 +265,18 @@ proptest! {
 
 #[test]
 fn a_model_too_large_to_transfer_is_refused_naming_its_size() {
-    let flags = Overrides {
-        model: Some("mlp:100000,100000".into()),
-        ..Overrides::default()
+    let flags = Flags {
+        model: ModelConfig::parse_spec("mlp:100000,100000").ok(),
+        ..Flags::default()
     };
     let err = load_with_env(None, &flags, &[]).unwrap_err().to_string();
     assert!(
         err.contains("parameters") && err.contains("state transfer"),
         "{err}"
     );
-    let flags = Overrides {
-        model: Some("mlp:50000,50000".into()),
-        ..Overrides::default()
+    let flags = Flags {
+        model: ModelConfig::parse_spec("mlp:50000,50000").ok(),
+        ..Flags::default()
     };
     let params = crate::model::Network::new(&ModelConfig::parse_spec("mlp:50000,50000").unwrap())
         .num_params();
@@ -282,5 +286,5 @@ fn a_model_too_large_to_transfer_is_refused_naming_its_size() {
         "LOCKSTEP_MODEL__HIDDEN".to_string(),
         "18446744073709551615".to_string(),
     )];
-    assert!(load_with_env(None, &Overrides::default(), &env).is_err());
+    assert!(load_with_env(None, &Flags::default(), &env).is_err());
 }
