@@ -5,7 +5,7 @@
 //! Parameter names and shapes are PyTorch's (`fc1.weight` is `[out, in]`), so
 //! `model.safetensors` loads into the equivalent `torch.nn.Module` with `load_state_dict`.
 
-use candle_core::{DType, Device, Storage, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -287,7 +287,7 @@ impl Gradient {
         let len: usize = self.parts.iter().map(|p| p.elem_count()).sum();
         let mut out = Vec::with_capacity(len * 4);
         for p in &self.parts {
-            append_f32_bytes(p, &mut out)?;
+            crate::codec::encode_tensor_into(p, &mut out)?;
         }
         Ok(out)
     }
@@ -296,23 +296,6 @@ impl Gradient {
     pub fn to_vec(&self) -> candle_core::Result<Vec<f32>> {
         self.to_flat_tensor()?.to_vec1::<f32>()
     }
-}
-
-/// Appends a tensor's values as little-endian `f32` bytes; contiguous CPU tensors are copied
-/// straight from their storage.
-pub fn append_f32_bytes(t: &Tensor, out: &mut Vec<u8>) -> candle_core::Result<()> {
-    if cfg!(target_endian = "little") && t.is_contiguous() && t.dtype() == DType::F32 {
-        let (storage, layout) = t.storage_and_layout();
-        if let Storage::Cpu(cpu) = &*storage {
-            let all = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            out.extend_from_slice(bytemuck::cast_slice(&all[start..start + t.elem_count()]));
-            return Ok(());
-        }
-    }
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
-    out.extend_from_slice(&crate::codec::encode_f32(&values));
-    Ok(())
 }
 
 /// A worker's trainable copy of the network: parameters as tensors on a device.
@@ -612,7 +595,7 @@ mod tests {
             assert_eq!(g.to_vec().unwrap().len(), net.num_params(), "{p}");
             assert_eq!(
                 g.to_bytes().unwrap(),
-                crate::codec::encode_f32(&g.to_vec().unwrap())
+                crate::codec::le_bytes(&g.to_vec().unwrap()).into_owned()
             );
             assert_eq!(st.samples, 3);
             assert!(st.loss_sum > 0.0);

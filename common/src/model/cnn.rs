@@ -16,8 +16,10 @@
 //! of a product among threads, never its sums, so the result does not depend on timing or on
 //! the thread count.
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
+
+use crate::codec::with_cpu_f32s;
 
 /// Side of an input image.
 const SIDE: usize = 28;
@@ -134,7 +136,7 @@ fn chunk_gradient(
 
     // Max-pool and relu: each pooled gradient goes to its window's maximum, if positive.
     let mut d_z2 = vec![0f32; n * S2 * S2 * C2];
-    with_cpu_slice(&d_pooled, |d_pooled| {
+    with_cpu_f32s(&d_pooled, |d_pooled| {
         for (&at, &g) in act.argmax.iter().zip(d_pooled) {
             if at != NO_GRADIENT {
                 d_z2[at as usize] = g;
@@ -144,12 +146,12 @@ fn chunk_gradient(
     let d_conv2_b = column_sums(&d_z2, C2);
     let d_z2 = Tensor::from_vec(d_z2, (n * S2 * S2, C2), x.device())?;
     let d_w2 = d_z2.t()?.matmul(&act.cols2)?;
-    let d_conv2_w = with_cpu_slice(&d_w2, conv2_weight_from_khwc)?;
+    let d_conv2_w = with_cpu_f32s(&d_w2, conv2_weight_from_khwc)?;
     let d_cols2 = d_z2.matmul(w2)?;
 
     // col2im into conv1's output, then relu.
     let mut d_h1 = vec![0f32; n * S1 * S1 * C1];
-    with_cpu_slice(&d_cols2, |d_cols2| col2im(d_cols2, n, &mut d_h1))?;
+    with_cpu_f32s(&d_cols2, |d_cols2| col2im(d_cols2, n, &mut d_h1))?;
     for (d, &h) in d_h1.iter_mut().zip(&act.h1) {
         if h <= 0.0 {
             *d = 0.0;
@@ -180,17 +182,17 @@ fn forward(params: &[Tensor], w2: &Tensor, x: &Tensor) -> Result<Activations> {
     let device = x.device();
 
     // conv1: [n*676, 9] @ [9, 32], then bias and relu, channels last.
-    let cols1 = with_cpu_slice(x, |x| im2col1(x, n))?;
+    let cols1 = with_cpu_f32s(x, |x| im2col1(x, n))?;
     let cols1 = Tensor::from_vec(cols1, (n * S1 * S1, 9), device)?;
     let z1 = cols1.matmul(&params[0].reshape((C1, 9))?.t()?)?;
     let b1 = params[1].to_vec1::<f32>()?;
-    let h1 = with_cpu_slice(&z1, |z1| bias_relu(z1, &b1))?;
+    let h1 = with_cpu_f32s(&z1, |z1| bias_relu(z1, &b1))?;
 
     // conv2: [n*576, 288] @ [288, 64]; bias, relu and the 2x2 max-pool in one pass.
     let cols2 = Tensor::from_vec(im2col2(&h1, n), (n * S2 * S2, K2), device)?;
     let z2 = cols2.matmul(&w2.t()?)?;
     let b2 = params[3].to_vec1::<f32>()?;
-    let (pooled, argmax) = with_cpu_slice(&z2, |z2| bias_relu_max_pool(z2, &b2, n))?;
+    let (pooled, argmax) = with_cpu_f32s(&z2, |z2| bias_relu_max_pool(z2, &b2, n))?;
     let pooled = Tensor::from_vec(pooled, (n, FLAT), device)?;
 
     let linear = |x: &Tensor, w: &Tensor, b: &Tensor| x.matmul(&w.t()?)?.broadcast_add(b);
@@ -205,19 +207,6 @@ fn forward(params: &[Tensor], w2: &Tensor, x: &Tensor) -> Result<Activations> {
         a1,
         logits,
     })
-}
-
-/// Runs `f` on a CPU tensor's values, read in place when the tensor is contiguous.
-fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(candle_core::Error::Msg(
-            "the explicit cnn pass runs on the CPU only".into(),
-        ));
-    };
-    let start = layout.start_offset();
-    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
 }
 
 /// conv2's weight `[64, 32, 3, 3]` as `[64, 288]` with columns in `(kh, kw, c)` order, the
