@@ -171,8 +171,7 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .into_iter()
         .map(|n| {
             let t = st.tensor(&n).expect("tensor");
-            let values = lockstep_common::codec::decode_f32(t.data(), t.shape().iter().product())
-                .expect("f32 data");
+            let values = lockstep_common::codec::le_f32s(t.data()).expect("f32 data");
             (n, t.shape().to_vec(), values)
         })
         .collect()

@@ -4,6 +4,7 @@
 //! per-epoch checkpoints and the state a joining worker fetches. The final `model.safetensors`
 //! holds the parameters alone, with one metadata entry naming the network ([`ModelInfo`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::TensorSpec;
+use crate::codec::{self, TensorSpec};
 use crate::config::ModelConfig;
 use crate::optim::OptimizerState;
 
@@ -49,8 +50,29 @@ pub struct Extras {
 /// Name of the coverage tensor in a checkpoint.
 const COVERAGE: &str = "lockstep.coverage";
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    crate::codec::encode_f32(v)
+/// A named `F32` tensor: its little-endian bytes (the values' own memory on a little-endian
+/// machine) and its shape.
+type F32Tensor<'a> = (String, Cow<'a, [u8]>, Vec<usize>);
+
+/// The tensors of `params` in `layout`, under their names.
+fn param_tensors<'a>(layout: &[TensorSpec], params: &'a [f32]) -> Vec<F32Tensor<'a>> {
+    layout
+        .iter()
+        .map(|s| {
+            let bytes = codec::le_bytes(&params[s.range()]);
+            (s.name.clone(), bytes, s.shape.clone())
+        })
+        .collect()
+}
+
+/// Safetensors views of `tensors`.
+fn f32_views<'a>(
+    tensors: &'a [F32Tensor<'_>],
+) -> Result<Vec<(String, TensorView<'a>)>, safetensors::SafeTensorError> {
+    tensors
+        .iter()
+        .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .collect()
 }
 
 /// The metadata key of [`ModelInfo`] in `model.safetensors`.
@@ -117,20 +139,8 @@ pub fn stored_model(bytes: &[u8]) -> Result<StoredModel> {
 
 /// Serialises parameters alone under their PyTorch names (`model.safetensors`), with `info`.
 pub fn params_to_bytes(layout: &[TensorSpec], params: &[f32], info: &ModelInfo) -> Result<Vec<u8>> {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                f32_bytes(&params[s.range()]),
-                s.shape.clone(),
-            )
-        })
-        .collect();
-    let views = data
-        .iter()
-        .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let data = param_tensors(layout, params);
+    let views = f32_views(&data)?;
     let meta = HashMap::from([(MODEL_INFO_KEY.to_string(), serde_json::to_string(info)?)]);
     Ok(safetensors::serialize(views, Some(meta))?)
 }
@@ -145,8 +155,7 @@ pub fn params_from_bytes(layout: &[TensorSpec], bytes: &[u8]) -> Result<Vec<f32>
 
 /// One `F32` tensor of `shape`, or an error naming it.
 fn read_f32(tensors: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let t = check_f32(tensors, name, shape)?;
-    Ok(crate::codec::decode_f32(t.data(), shape.iter().product())?)
+    Ok(codec::le_f32s(check_f32(tensors, name, shape)?.data())?)
 }
 
 fn check_f32<'a>(
@@ -172,9 +181,10 @@ fn read_params(tensors: &safetensors::SafeTensors, layout: &[TensorSpec]) -> Res
     for s in layout {
         check_f32(tensors, &s.name, &s.shape)?;
     }
-    let mut params = vec![0.0; crate::codec::layout_len(layout)];
+    let mut params = vec![0.0; codec::layout_len(layout)];
     for s in layout {
-        params[s.range()].copy_from_slice(&read_f32(tensors, &s.name, &s.shape)?);
+        let t = check_f32(tensors, &s.name, &s.shape)?;
+        codec::le_f32s_into(t.data(), &mut params[s.range()])?;
     }
     Ok(params)
 }
@@ -192,23 +202,12 @@ impl TrainingState {
         config_toml: &str,
         extras: &Extras,
     ) -> Result<Vec<u8>> {
-        let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = layout
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    f32_bytes(&self.params[s.range()]),
-                    s.shape.clone(),
-                )
-            })
-            .collect();
+        let mut data = param_tensors(layout, &self.params);
         for (name, buf) in &self.optimizer.buffers {
-            data.push((format!("optimizer.{name}"), f32_bytes(buf), vec![buf.len()]));
+            let bytes = codec::le_bytes(buf);
+            data.push((format!("optimizer.{name}"), bytes, vec![buf.len()]));
         }
-        let mut views = data
-            .iter()
-            .map(|(n, b, shape)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let mut views = f32_views(&data)?;
         if let Some(coverage) = &extras.coverage {
             views.push((
                 COVERAGE.to_string(),
@@ -262,7 +261,7 @@ impl TrainingState {
                 .parse()
                 .with_context(|| format!("checkpoint metadata `{k}`"))
         };
-        let len = crate::codec::layout_len(layout);
+        let len = codec::layout_len(layout);
         let params = read_params(&tensors, layout)?;
         let mut buffers = Vec::new();
         let mut named = std::collections::HashSet::new();

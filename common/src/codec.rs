@@ -1,7 +1,13 @@
 //! Flat buffers: every replica keeps its parameters, gradients and optimizer state as one
 //! contiguous `f32` buffer in a layout (names, shapes, offsets) agreed at join time. This module
-//! holds that layout and the little-endian byte codec the wire uses.
+//! holds that layout and the little-endian byte codec that the wire, the checkpoints and the
+//! tensors on their way to either all use: values to bytes ([`put_le_f32s`], [`le_bytes`],
+//! [`encode_tensor_into`]) and bytes to values ([`le_f32s`], [`le_f32s_into`],
+//! [`le_f32_iter`], [`add_le_f32s`], [`tensor_from_le`]), read in place at any alignment.
 
+use std::borrow::Cow;
+
+use candle_core::{Device, Shape, Storage, Tensor};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -74,9 +80,9 @@ pub enum CodecError {
     NonFinite(usize),
 }
 
-/// Encodes `values` as little-endian `f32` bytes, appending to `out`.
-pub fn encode_f32_into(values: &[f32], out: &mut Vec<u8>) {
-    out.clear();
+/// Appends `values` to `out` as little-endian `f32` bytes: one memcpy on a little-endian
+/// machine.
+pub fn put_le_f32s(values: &[f32], out: &mut Vec<u8>) {
     if cfg!(target_endian = "little") {
         out.extend_from_slice(bytemuck::cast_slice(values));
     } else {
@@ -87,21 +93,16 @@ pub fn encode_f32_into(values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// `values` as little-endian `f32` bytes to send: the values' own memory on a little-endian
-/// machine (no copy), an encoded copy elsewhere.
-pub fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+/// `values` as little-endian `f32` bytes: the values' own memory on a little-endian machine
+/// (no copy), an encoded copy elsewhere. `.into_owned()` when a buffer of its own is needed.
+pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
-        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+        Cow::Borrowed(bytemuck::cast_slice(values))
     } else {
-        std::borrow::Cow::Owned(encode_f32(values))
+        let mut out = Vec::with_capacity(values.len() * 4);
+        put_le_f32s(values, &mut out);
+        Cow::Owned(out)
     }
-}
-
-/// Encodes `values` as little-endian `f32` bytes.
-pub fn encode_f32(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    encode_f32_into(values, &mut out);
-    out
 }
 
 /// Checks that `bytes` hold exactly `expected` little-endian `f32`s.
@@ -118,82 +119,117 @@ fn check_len(bytes: &[u8], expected: usize) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// Decodes little-endian `f32` bytes into `out`, which must already have the expected length.
-pub fn decode_f32_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+/// The values of little-endian `f32` bytes; a length that is not a whole number of floats is
+/// refused.
+pub fn le_f32s(bytes: &[u8]) -> Result<Vec<f32>, CodecError> {
+    let mut out = vec![0.0; bytes.len() / 4];
+    le_f32s_into(bytes, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes little-endian `f32` bytes into `out`, which they must fill exactly (else nothing is
+/// written and the lengths are reported).
+pub fn le_f32s_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
     check_len(bytes, out.len())?;
     if cfg!(target_endian = "little") {
         // One memcpy into the (aligned) destination; the source may be unaligned.
         bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
     } else {
-        for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-            *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+        for (dst, v) in out.iter_mut().zip(le_f32_iter(bytes)) {
+            *dst = v;
         }
     }
     Ok(())
 }
 
-/// The values of little-endian `f32` bytes: the bytes themselves when they are suitably
-/// aligned (no copy), else decoded into `scratch`, which must have the expected length.
-pub fn f32_view<'a>(bytes: &'a [u8], scratch: &'a mut [f32]) -> Result<&'a [f32], CodecError> {
-    if cfg!(target_endian = "little") && bytes.len() == scratch.len() * 4 {
-        if let Ok(view) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            return Ok(view);
-        }
-    }
-    decode_f32_into(bytes, scratch)?;
-    Ok(scratch)
+/// The bit patterns of little-endian 4-byte words, read in place at any alignment. `try_into`
+/// rather than indexing the chunk: loops over it then vectorise. A trailing partial word is
+/// not read; callers check the length first.
+fn le_words(bytes: &[u8]) -> impl Iterator<Item = u32> + Clone + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("chunks of 4 bytes")))
+}
+
+/// The values of little-endian `f32` bytes one by one, read in place at any alignment, for
+/// loops that consume a message's bytes without an aligned copy (the optimizer's step, the
+/// reducer's sum). A trailing partial value is not read: check the length first.
+pub fn le_f32_iter(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    le_words(bytes).map(f32::from_bits)
 }
 
 /// Adds little-endian `f32` bytes element-wise into `acc` (the reducer's inner loop, without
 /// an intermediate decoded copy).
-pub fn add_f32_bytes(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
+pub fn add_le_f32s(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
     check_len(bytes, acc.len())?;
-    // `try_into` rather than indexing the chunk: the loop then vectorises.
-    for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
-        *a += f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"));
+    for (a, v) in acc.iter_mut().zip(le_f32_iter(bytes)) {
+        *a += v;
     }
     Ok(())
 }
 
-/// Decodes little-endian `f32` bytes that must hold exactly `expected` values.
-pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
-    // Checked before allocating: `expected` values are allocated only if the bytes hold them.
-    check_len(bytes, expected)?;
-    let mut out = vec![0.0; expected];
-    decode_f32_into(bytes, &mut out)?;
-    Ok(out)
-}
-
 /// Fails on a NaN or infinity: a poisoned gradient must not reach the optimizer.
 pub fn check_finite(values: &[f32]) -> Result<(), CodecError> {
-    // Branch-free scan (non-finite means all exponent bits set) that the compiler vectorises;
-    // the slow search for the index runs only when something is wrong.
-    const EXPONENT: u32 = 0x7f80_0000;
-    let any = values.iter().fold(0u32, |acc, v| {
-        acc | u32::from(v.to_bits() & EXPONENT == EXPONENT)
-    });
-    if any == 0 {
-        return Ok(());
-    }
-    let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
-    Err(CodecError::NonFinite(i))
+    first_non_finite(values.iter().map(|v| v.to_bits()))
 }
 
 /// [`check_finite`] of little-endian `f32` bytes, read in place at any alignment.
 pub fn check_finite_le(bytes: &[u8]) -> Result<(), CodecError> {
+    first_non_finite(le_words(bytes))
+}
+
+/// The index of the first non-finite value among `f32` bit patterns, as an error.
+fn first_non_finite(mut bits: impl Iterator<Item = u32> + Clone) -> Result<(), CodecError> {
+    // Branch-free scan (non-finite means all exponent bits set) that the compiler vectorises;
+    // the slow search for the index runs only when something is wrong.
     const EXPONENT: u32 = 0x7f80_0000;
-    let bits = |c: &[u8]| u32::from_le_bytes(c.try_into().expect("chunks of 4 bytes"));
-    let any = bytes.chunks_exact(4).fold(0u32, |acc, c| {
-        acc | u32::from(bits(c) & EXPONENT == EXPONENT)
-    });
+    let any = bits
+        .clone()
+        .fold(0u32, |acc, b| acc | u32::from(b & EXPONENT == EXPONENT));
     if any == 0 {
         return Ok(());
     }
-    let i = bytes
-        .chunks_exact(4)
-        .position(|c| bits(c) & EXPONENT == EXPONENT)
-        .unwrap_or(0);
+    let i = bits.position(|b| b & EXPONENT == EXPONENT).unwrap_or(0);
     Err(CodecError::NonFinite(i))
+}
+
+/// Runs `f` on a CPU tensor's `f32` values, read in place when the tensor is contiguous (a
+/// contiguous copy first otherwise); a tensor on another device is an error.
+pub fn with_cpu_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg(format!(
+            "a tensor on {:?} read as a CPU one",
+            t.device().location()
+        )));
+    };
+    let start = layout.start_offset();
+    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
+}
+
+/// Appends a tensor's values to `out` as little-endian `f32` bytes: a CPU tensor straight from
+/// its storage, another device's through one copy to the host.
+pub fn encode_tensor_into(t: &Tensor, out: &mut Vec<u8>) -> candle_core::Result<()> {
+    if t.device().is_cpu() {
+        with_cpu_f32s(t, |values| put_le_f32s(values, out))
+    } else {
+        put_le_f32s(&t.flatten_all()?.to_vec1::<f32>()?, out);
+        Ok(())
+    }
+}
+
+/// A tensor of `shape` on `device` from little-endian `f32` bytes that must fill it exactly.
+pub fn tensor_from_le(
+    bytes: &[u8],
+    shape: impl Into<Shape>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let shape = shape.into();
+    // Checked before allocating: the shape is the caller's, the bytes a peer's.
+    check_len(bytes, shape.elem_count()).map_err(candle_core::Error::wrap)?;
+    let values = le_f32s(bytes).map_err(candle_core::Error::wrap)?;
+    Tensor::from_vec(values, shape, device)
 }
 
 /// SHA-256 of a set of flat buffers, hex; replicas compare it to catch silent divergence.
@@ -201,7 +237,7 @@ pub fn digest(buffers: &[&[f32]]) -> String {
     let mut h = Sha256::new();
     for b in buffers {
         h.update((b.len() as u64).to_le_bytes());
-        h.update(bytemuck::cast_slice::<f32, u8>(b));
+        h.update(le_bytes(b));
     }
     hex::encode(h.finalize())
 }
@@ -217,11 +253,19 @@ pub fn state_digest(params: &[f32], optimizer: &crate::optim::OptimizerState) ->
 mod tests {
     use super::*;
 
+    /// `values` encoded into a buffer of their own.
+    fn encoded(values: &[f32]) -> Vec<u8> {
+        le_bytes(values).into_owned()
+    }
+
     #[test]
-    fn f32_le_bytes_match_the_encoder() {
+    fn the_borrowed_bytes_match_the_appended_ones() {
         let values = [1.5f32, -0.0, f32::MAX, 3e-39];
-        assert_eq!(&*f32_le_bytes(&values), encode_f32(&values).as_slice());
-        assert_eq!(decode_f32(&f32_le_bytes(&values), 4).unwrap(), values);
+        let mut out = vec![9u8];
+        put_le_f32s(&values, &mut out);
+        assert_eq!(out[0], 9, "appended, not overwritten");
+        assert_eq!(&*le_bytes(&values), &out[1..]);
+        assert_eq!(le_f32s(&le_bytes(&values)).unwrap(), values);
     }
 
     #[test]
@@ -235,10 +279,10 @@ mod tests {
             f32::MIN_POSITIVE,
             7.0e20,
         ];
-        let bytes = encode_f32(&values);
+        let bytes = encoded(&values);
         assert_eq!(bytes.len(), values.len() * 4);
         assert_eq!(&bytes[8..12], &1.5f32.to_le_bytes());
-        let back = decode_f32(&bytes, values.len()).unwrap();
+        let back = le_f32s(&bytes).unwrap();
         let a: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
         let b: Vec<u32> = back.iter().map(|v| v.to_bits()).collect();
         assert_eq!(a, b);
@@ -246,20 +290,28 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_refused() {
-        assert_eq!(decode_f32(&[0u8; 7], 2), Err(CodecError::Ragged(7)));
+        assert_eq!(le_f32s(&[0u8; 7]), Err(CodecError::Ragged(7)));
+        assert_eq!(le_f32s(&[0u8; 1]), Err(CodecError::Ragged(1)));
+        assert_eq!(le_f32s(&[]), Ok(vec![]));
+        let mut out = [5.0f32; 3];
         assert_eq!(
-            decode_f32(&[0u8; 8], 3),
+            le_f32s_into(&[0u8; 8], &mut out),
             Err(CodecError::WrongLength {
                 expected: 3,
                 got: 2
             })
+        );
+        assert_eq!(out, [5.0; 3], "nothing written");
+        assert_eq!(
+            le_f32s_into(&[0u8; 13], &mut out),
+            Err(CodecError::Ragged(13))
         );
         assert_eq!(
             check_finite(&[1.0, f32::NAN]),
             Err(CodecError::NonFinite(1))
         );
         let mut unaligned = vec![0u8];
-        unaligned.extend_from_slice(&encode_f32(&[1.0, 2.0, f32::INFINITY]));
+        unaligned.extend_from_slice(&encoded(&[1.0, 2.0, f32::INFINITY]));
         assert_eq!(
             check_finite_le(&unaligned[1..]),
             Err(CodecError::NonFinite(2))
@@ -268,19 +320,59 @@ mod tests {
     }
 
     #[test]
-    fn views_and_sums_read_the_bytes_directly() {
+    fn sums_and_iterations_read_unaligned_bytes_in_place() {
         let values = [1.0f32, -2.5, 3.25];
-        let bytes = encode_f32(&values);
-        let mut scratch = [0.0f32; 3];
-        assert_eq!(f32_view(&bytes, &mut scratch).unwrap(), &values);
-        // An unaligned view falls back to decoding.
         let mut shifted = vec![0u8; 1];
-        shifted.extend_from_slice(&bytes);
-        assert_eq!(f32_view(&shifted[1..], &mut scratch).unwrap(), &values);
+        shifted.extend_from_slice(&encoded(&values));
+        let bytes = &shifted[1..];
+        assert_eq!(le_f32_iter(bytes).collect::<Vec<_>>(), values);
+        let mut out = [0.0f32; 3];
+        le_f32s_into(bytes, &mut out).unwrap();
+        assert_eq!(out, values);
         let mut acc = [1.0f32, 1.0, 1.0];
-        add_f32_bytes(&mut acc, &bytes).unwrap();
+        add_le_f32s(&mut acc, bytes).unwrap();
         assert_eq!(acc, [2.0, -1.5, 4.25]);
-        assert!(add_f32_bytes(&mut acc, &bytes[..8]).is_err());
+        assert_eq!(
+            add_le_f32s(&mut acc, &bytes[..8]),
+            Err(CodecError::WrongLength {
+                expected: 3,
+                got: 2
+            })
+        );
+        assert_eq!(acc, [2.0, -1.5, 4.25], "a refused buffer adds nothing");
+    }
+
+    #[test]
+    fn tensors_round_trip_through_the_same_bytes() {
+        let values = [0.5f32, -1.0, 2.0, f32::MIN_POSITIVE, 7.0, -0.0];
+        let t = Tensor::from_slice(&values, (2, 3), &Device::Cpu).unwrap();
+        let mut out = vec![1u8, 2];
+        encode_tensor_into(&t, &mut out).unwrap();
+        assert_eq!(&out[2..], &*le_bytes(&values));
+        // A strided view is encoded in its logical order.
+        let mut transposed = Vec::new();
+        encode_tensor_into(&t.t().unwrap(), &mut transposed).unwrap();
+        assert_eq!(
+            le_f32s(&transposed).unwrap(),
+            [0.5, f32::MIN_POSITIVE, -1.0, 7.0, 2.0, -0.0]
+        );
+        let back = tensor_from_le(&out[2..], (3, 2), &Device::Cpu).unwrap();
+        assert_eq!(back.dims(), [3, 2]);
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            values
+        );
+        let short = tensor_from_le(&out[2..], (4, 2), &Device::Cpu).unwrap_err();
+        assert!(
+            short
+                .to_string()
+                .starts_with("buffer holds 6 values, the layout has 8"),
+            "{short}"
+        );
+        assert_eq!(
+            with_cpu_f32s(&t.narrow(1, 1, 2).unwrap(), <[f32]>::to_vec).unwrap(),
+            [-1.0, 2.0, 7.0, -0.0]
+        );
     }
 
     #[test]

@@ -107,14 +107,9 @@ impl Optimizer {
             grad.len(),
             "gradient and parameters differ in length"
         );
-        // `try_into` (not indexing the chunk) keeps the loop vectorised: 38 µs for the mlp's
-        // 90K parameters on the development machine, against 35 µs from aligned floats and
-        // 245 µs with per-byte indexing.
-        self.step_iter(
-            params,
-            grad.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("chunks of 4 bytes"))),
-        );
+        // Read in place, vectorised: 38 µs for the mlp's 90K parameters on the development
+        // machine, against 35 µs from aligned floats and 245 µs with per-byte indexing.
+        self.step_iter(params, crate::codec::le_f32_iter(grad));
     }
 
     fn step_iter(&mut self, params: &mut [f32], grad: impl Iterator<Item = f32>) {
@@ -471,7 +466,7 @@ mod tests {
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
                 .collect();
             let mut bytes = vec![0u8; 1];
-            bytes.extend_from_slice(&crate::codec::encode_f32(&grad));
+            crate::codec::put_le_f32s(&grad, &mut bytes);
             let (mut a, mut b) = (Optimizer::new(c.clone(), n), Optimizer::new(c, n));
             let (mut pa, mut pb) = (vec![0.5f32; n], vec![0.5f32; n]);
             for _ in 0..3 {

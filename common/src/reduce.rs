@@ -27,14 +27,13 @@ pub fn average_in_shard_order(
 ) -> Result<(), Malformed> {
     out.fill(0.0);
     for (part, bytes) in parts.iter().enumerate() {
-        codec::add_f32_bytes(out, bytes).map_err(|error| Malformed { part, error })?;
+        codec::add_le_f32s(out, bytes).map_err(|error| Malformed { part, error })?;
     }
     // A finite sum means every part was finite; only on failure look for the culprit.
     if let Err(sum_error) = codec::check_finite(out) {
         let mut scratch = vec![0.0f32; out.len()];
         for (part, bytes) in parts.iter().enumerate() {
-            codec::decode_f32_into(bytes, &mut scratch)
-                .map_err(|error| Malformed { part, error })?;
+            codec::le_f32s_into(bytes, &mut scratch).map_err(|error| Malformed { part, error })?;
             codec::check_finite(&scratch).map_err(|error| Malformed { part, error })?;
         }
         // Every part is finite but their sum overflowed; blame the last part added.
@@ -53,14 +52,18 @@ pub fn average_in_shard_order(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::encode_f32;
+    use crate::codec::le_bytes;
+
+    fn bytes_of(values: &[f32]) -> Vec<u8> {
+        le_bytes(values).into_owned()
+    }
 
     #[test]
     fn sums_in_shard_order_whatever_the_arrival_order() {
         // 1e8 + 1 - 1e8 in f32: shard order gives (1e8 + 1) - 1e8 = 0, another order gives 1.
-        let a = encode_f32(&[1.0e8, 2.0]);
-        let b = encode_f32(&[1.0, 4.0]);
-        let c = encode_f32(&[-1.0e8, 6.0]);
+        let a = bytes_of(&[1.0e8, 2.0]);
+        let b = bytes_of(&[1.0, 4.0]);
+        let c = bytes_of(&[-1.0e8, 6.0]);
         let mut out = [0.0f32; 2];
         average_in_shard_order(&[&a, &b, &c], 2, &mut out).unwrap();
         assert_eq!(out, [((1.0e8f32 + 1.0) - 1.0e8) / 2.0, 6.0]);
@@ -75,9 +78,9 @@ mod tests {
 
     #[test]
     fn malformed_parts_are_named() {
-        let good = encode_f32(&[1.0, 2.0]);
-        let short = encode_f32(&[1.0]);
-        let nan = encode_f32(&[f32::NAN, 0.0]);
+        let good = bytes_of(&[1.0, 2.0]);
+        let short = bytes_of(&[1.0]);
+        let nan = bytes_of(&[f32::NAN, 0.0]);
         let mut out = [0.0f32; 2];
         let e = average_in_shard_order(&[&good, &short], 2, &mut out).unwrap_err();
         assert_eq!(e.part, 1);

@@ -154,10 +154,7 @@ impl ModelState for DeviceState {
         let avg = match average {
             Averaged::Device(t) => t,
             Averaged::Host(v) => Tensor::from_vec(v, self.params.elem_count(), &device)?,
-            Averaged::Bytes(b) => {
-                let v = codec::decode_f32(&b, self.params.elem_count())?;
-                Tensor::from_vec(v, self.params.elem_count(), &device)?
-            }
+            Averaged::Bytes(b) => codec::tensor_from_le(&b, self.params.elem_count(), &device)?,
         };
         self.optimizer.set_epoch(epoch);
         self.params = self.optimizer.step(&self.params, &avg)?;

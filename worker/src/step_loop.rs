@@ -25,7 +25,7 @@ use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use lockstep_common::checkpoint::TrainingState;
 use lockstep_common::config::JobConfig;
-use lockstep_common::model::{batch_tensors, BatchStats, Gradient, Network, Replica};
+use lockstep_common::model::{batch_tensors, BatchStats, Gradients, Network, Replica};
 use lockstep_common::protocol::{
     indices_digest, Configure, FromCoordinator, FromWorker, ShardDone, Stamp, StepDone, StepId,
     Work,
@@ -343,7 +343,7 @@ impl Loop {
                 let shard_started = Instant::now();
                 let count = shard.count();
                 let (gradient, stats) = if count == 0 {
-                    (Gradient::zeros(&self.network, &self.device)?, None)
+                    (Gradients::zeros(&self.network, &self.device)?, None)
                 } else {
                     let (x, y) = batch_tensors(
                         &shard.pixels,

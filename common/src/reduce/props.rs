@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use super::*;
-use crate::codec::encode_f32;
+use crate::codec::le_bytes;
 use crate::testing;
 
 /// One shard's buffer as a peer might send it.
@@ -49,7 +49,7 @@ fn part(len: usize) -> impl Strategy<Value = Part> {
 /// The bytes of `part` for a layout of `len` values.
 fn encode(part: &Part, len: usize) -> Vec<u8> {
     match part {
-        Part::Good(v) => encode_f32(v),
+        Part::Good(v) => le_bytes(v).into_owned(),
         Part::Short(less) => vec![0u8; 4 * len.saturating_sub(*less)],
         Part::Long(more) => vec![0u8; 4 * (len + more)],
         Part::Ragged(extra) => vec![0u8; 4 * len + extra],
@@ -59,7 +59,7 @@ fn encode(part: &Part, len: usize) -> Vec<u8> {
                 let at = i.index(v.len());
                 v[at] = *bad;
             }
-            encode_f32(&v)
+            le_bytes(&v).into_owned()
         }
     }
 }

@@ -800,7 +800,7 @@ impl Engine {
                 at: self.plan.here(step.id),
             });
         }
-        let data = Bytes::from(codec::encode_f32(&average));
+        let data = Bytes::from(codec::le_bytes(&average).into_owned());
         self.account.bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>()
             + (data.len() * self.links.len()) as u64;
         let stamp = Stamp::new(step.id, self.current);

@@ -64,9 +64,7 @@ pub fn evaluate(
 /// Classifies unlabelled images (`n × 784` pixels, MNIST's format).
 pub fn classify(model: &SavedModel, images: &[u8]) -> Result<Vec<Prediction>> {
     let run = || -> candle_core::Result<Vec<Prediction>> {
-        let params = model
-            .network
-            .tensors_from_flat(&model.params, &Device::Cpu)?;
+        let net = model.network.model_from_flat(&model.params, &Device::Cpu)?;
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(images.len() / IMAGE_PIXELS);
         for chunk in images.chunks(EVAL_BATCH * IMAGE_PIXELS) {
@@ -76,7 +74,7 @@ pub fn classify(model: &SavedModel, images: &[u8]) -> Result<Vec<Prediction>> {
                 (chunk.len() / IMAGE_PIXELS, IMAGE_PIXELS),
                 &Device::Cpu,
             )?;
-            out.extend(predictions_of(&model.network.logits(&params, &x)?)?);
+            out.extend(predictions_of(&net.logits(&x)?)?);
         }
         Ok(out)
     };

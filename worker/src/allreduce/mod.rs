@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use lockstep_common::model::{BatchStats, Gradient};
+use lockstep_common::model::{BatchStats, Gradients};
 use lockstep_common::protocol::{FromWorker, ShardGradient, Stamp};
 
 use crate::abort::{AbortSignal, Interrupted};
@@ -46,7 +46,7 @@ pub struct ShardResult {
     /// Which shard.
     pub index: u32,
     /// The gradient of the shard's summed loss.
-    pub gradient: Gradient,
+    pub gradient: Gradients,
     /// Its statistics, when read from the device already (always on CPUs).
     pub stats: Option<BatchStats>,
     /// Samples in the shard.

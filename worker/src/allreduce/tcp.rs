@@ -375,7 +375,7 @@ impl TcpCollective {
             let frame = &mut self.frames[0];
             read_frame(peer, id, self.len, Holds::Average, frame, timeout)
                 .context("receiving the average from rank 0")?;
-            codec::decode_f32_into(&frame.payload, &mut self.average)
+            codec::le_f32s_into(&frame.payload, &mut self.average)
                 .map_err(|e| anyhow!("rank 0 sent a malformed average: {e}"))?;
             return Ok(&self.average);
         }
@@ -431,7 +431,7 @@ impl TcpCollective {
                 other => anyhow!("rank {rank} sent a malformed gradient for shard {}: {other}", bad.part),
             });
         }
-        let average = codec::f32_le_bytes(&self.average);
+        let average = codec::le_bytes(&self.average);
         for (i, peer) in self.peers.iter_mut().enumerate() {
             // The average is complete: a rank that cannot take it is gone or frozen, and the
             // coordinator is about to pause this membership; rank 0 still applies the step.
@@ -721,7 +721,7 @@ mod tests {
     }
 
     fn bytes(values: &[f32]) -> Vec<u8> {
-        codec::encode_f32(values)
+        codec::le_bytes(values).into_owned()
     }
 
     /// Runs `world` ranks on threads; rank r contributes the shards `shards(r)`.
