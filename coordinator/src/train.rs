@@ -44,12 +44,6 @@ pub enum Workers {
     External(Token),
 }
 
-/// Default listen address for external workers (containers, clusters).
-pub const EXTERNAL_LISTEN: &str = "0.0.0.0:50051";
-
-/// Default metrics and dashboard address with external workers (containers: the pod network).
-pub const EXTERNAL_METRICS: &str = "0.0.0.0:9090";
-
 /// A run directory being resumed.
 pub struct Resume {
     run: RunDir,
@@ -121,12 +115,6 @@ pub async fn run(
             "--backend nccl needs CUDA, but this lockstep was built without the `cuda` feature; rebuild with \
              `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use --backend grpc"
         );
-    }
-    if matches!(workers, Workers::External(_)) && config.listen == "127.0.0.1:0" {
-        config.listen = EXTERNAL_LISTEN.to_string();
-    }
-    if matches!(workers, Workers::External(_)) && config.metrics_addr == "127.0.0.1:0" {
-        config.metrics_addr = EXTERNAL_METRICS.to_string();
     }
     config.resolve();
     // TLS files are read before anything else, so that a missing or unsafe one fails at once.

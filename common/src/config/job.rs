@@ -107,9 +107,9 @@ impl TlsConfig {
     }
 }
 
-/// The metrics endpoint's default: loopback, a free port.
-pub(super) fn default_metrics_addr() -> String {
-    "127.0.0.1:0".to_string()
+/// The metrics endpoint's default in a saved configuration without one: local workers'.
+fn default_metrics_addr() -> String {
+    super::Deployment::Local.default_metrics_addr().to_string()
 }
 
 /// TensorBoard's default step interval.

@@ -119,8 +119,8 @@ pub(super) fn file_source(path: &Path) -> Result<config::Config> {
 /// The `LOCKSTEP_…` variables of `env` that name a setting (`LOCKSTEP_EPOCHS`, nested keys with
 /// `__`: `LOCKSTEP_OPTIMIZER__LR`) as a `config` source. Others that share the prefix
 /// (`LOCKSTEP_TOKEN`, `LOCKSTEP_CACHE_DIR`, a deployment's own) are not settings and are left
-/// out; within a section, an unknown key is refused like a file's.
-pub(super) fn environment_source(env: &[(String, String)]) -> config::Environment {
+/// out; within a section, an unknown key is refused like a file's. Also the names it took.
+pub(super) fn environment_source(env: &[(String, String)]) -> (config::Environment, Vec<String>) {
     let settings = top_level_keys::<JobConfig>();
     let env_map: config::Map<String, String> = env
         .iter()
@@ -132,13 +132,15 @@ pub(super) fn environment_source(env: &[(String, String)]) -> config::Environmen
         })
         .cloned()
         .collect();
-    config::Environment::with_prefix("LOCKSTEP")
+    let names = env_map.keys().cloned().collect();
+    let source = config::Environment::with_prefix("LOCKSTEP")
         .prefix_separator("_")
         .separator("__")
         .try_parsing(true)
         .list_separator(",")
         .with_list_parse_key("model.hidden")
-        .source(Some(env_map))
+        .source(Some(env_map));
+    (source, names)
 }
 
 /// The keys of a struct as serde reads them, asked of its `Deserialize` (which names its fields

@@ -28,6 +28,9 @@ pub use presets::{Deployment, PRESETS};
 /// The layers a user gives (file, environment, flags), merged in their order of precedence.
 pub struct Layers {
     given: config::Config,
+    /// Where the given settings came from, for errors: "the config file F, LOCKSTEP_X and the
+    /// command line".
+    origin: String,
 }
 
 impl Layers {
@@ -40,15 +43,32 @@ impl Layers {
     /// The file, an explicit environment (for tests) and the flags.
     pub fn with_env(file: Option<&Path>, flags: &Flags, env: &[(String, String)]) -> Result<Self> {
         let mut builder = config::Config::builder();
+        let mut origin = Vec::new();
         if let Some(path) = file {
             builder = builder.add_source(layers::file_source(path)?);
+            origin.push(format!("the config file {}", path.display()));
         }
+        let (environment, names) = layers::environment_source(env);
+        origin.extend(names);
+        origin.push("the command line".to_string());
+        let origin = match origin.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let invalid =
+            |e: config::ConfigError| anyhow!("invalid configuration (from {origin}): {e}");
         let given = builder
-            .add_source(layers::environment_source(env))
+            .add_source(environment)
             .add_source(flags.source()?)
             .build()
-            .map_err(|e| anyhow!("invalid configuration: {e}"))?;
-        Ok(Layers { given })
+            .map_err(invalid)?;
+        Ok(Layers { given, origin })
+    }
+
+    /// An error in the merged configuration, saying where it came from.
+    fn invalid(&self, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("invalid configuration (from {}): {e}", self.origin)
     }
 
     /// Whether any layer sets `key` (a dotted path such as `cluster.shards`), rather than it
@@ -68,10 +88,10 @@ impl Layers {
             Err(config::ConfigError::NotFound(_)) => {
                 run.map_or_else(|| "mlp".to_string(), |r| r.preset.clone())
             }
-            Err(e) => return Err(anyhow!("invalid configuration: {e}")),
+            Err(e) => return Err(self.invalid(e)),
         };
         let defaults = match run {
-            Some(r) if r.preset == preset => r.clone(),
+            Some(r) if r.preset == preset => deployment.defaults_from_run(r),
             _ => JobConfig::defaults(&preset, deployment)?,
         };
         let cfg: JobConfig = config::Config::builder()
@@ -82,7 +102,7 @@ impl Layers {
             .build()
             .context("merging configuration layers")?
             .try_deserialize()
-            .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+            .map_err(|e| self.invalid(e))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -4,8 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::job::{
-    default_metrics_addr, default_tensorboard_every_steps, ClusterConfig, JobConfig,
-    OptimizerConfig, TlsConfig,
+    default_tensorboard_every_steps, ClusterConfig, JobConfig, OptimizerConfig, TlsConfig,
 };
 use super::model_spec::ModelConfig;
 use super::names::{Activation, Backend, ModelKind, OptimizerKind};
@@ -31,6 +30,44 @@ impl Deployment {
             Deployment::Local => Backend::Tcp,
             Deployment::External => Backend::Grpc,
         }
+    }
+
+    /// The coordinator's address when no layer names one: loopback on a free port for local
+    /// workers; every interface on the well-known port for external ones (containers,
+    /// clusters).
+    pub fn default_listen(self) -> &'static str {
+        match self {
+            Deployment::Local => "127.0.0.1:0",
+            Deployment::External => "0.0.0.0:50051",
+        }
+    }
+
+    /// The metrics and dashboard address when no layer names one: loopback on a free port for
+    /// local workers; with external workers, every interface on 9090 (a pod's network).
+    pub fn default_metrics_addr(self) -> &'static str {
+        match self {
+            Deployment::Local => "127.0.0.1:0",
+            Deployment::External => "0.0.0.0:9090",
+        }
+    }
+
+    /// A run's configuration as the defaults of its resumption deployed as `self`: an
+    /// address that was the other deployment's default becomes this one's (addresses belong to
+    /// a launch, not to the run); one the run was given stays.
+    pub fn defaults_from_run(self, run: &JobConfig) -> JobConfig {
+        let mut defaults = run.clone();
+        for other in [Deployment::Local, Deployment::External] {
+            if other == self {
+                continue;
+            }
+            if defaults.listen == other.default_listen() {
+                defaults.listen = self.default_listen().to_string();
+            }
+            if defaults.metrics_addr == other.default_metrics_addr() {
+                defaults.metrics_addr = self.default_metrics_addr().to_string();
+            }
+        }
+        defaults
     }
 }
 
@@ -97,13 +134,13 @@ impl JobConfig {
             backend: deployment.default_backend(),
             data_dir: None,
             out: None,
-            listen: "127.0.0.1:0".to_string(),
+            listen: deployment.default_listen().to_string(),
             normalize: true,
             threads: 0,
             train_samples: 0,
             checkpoint_every_steps: 500,
             max_restarts: 0,
-            metrics_addr: default_metrics_addr(),
+            metrics_addr: deployment.default_metrics_addr().to_string(),
             tensorboard_every_steps: default_tensorboard_every_steps(),
             model,
             optimizer,

@@ -339,3 +339,52 @@ fn env_pairs_error(pairs: &[(&str, &str)]) -> String {
         load_with_env(None, &Flags::default(), &env(pairs)).unwrap_err()
     )
 }
+
+#[test]
+fn addresses_default_by_deployment_and_a_given_one_is_kept() {
+    let resolve = |flags: &Flags, deployment, run: Option<&JobConfig>| {
+        Layers::with_env(None, flags, &[])
+            .and_then(|l| l.resolve(deployment, run))
+            .unwrap()
+    };
+    let none = Flags::default();
+    let local = resolve(&none, Deployment::Local, None);
+    assert_eq!(
+        (local.listen.as_str(), local.metrics_addr.as_str()),
+        ("127.0.0.1:0", "127.0.0.1:0")
+    );
+    let external = resolve(&none, Deployment::External, None);
+    assert_eq!(
+        (external.listen.as_str(), external.metrics_addr.as_str()),
+        ("0.0.0.0:50051", "0.0.0.0:9090")
+    );
+    // Given, even equal to the local default, it stays (it was replaced after loading).
+    let given = Flags {
+        listen: Some("127.0.0.1:0".into()),
+        metrics_addr: Some("off".into()),
+        ..Default::default()
+    };
+    let external = resolve(&given, Deployment::External, None);
+    assert_eq!(
+        (external.listen.as_str(), external.metrics_addr.as_str()),
+        ("127.0.0.1:0", "off")
+    );
+
+    // A resumed local run resumed with external workers listens as external ones do, and
+    // back; an address the run was given stays.
+    let resumed = resolve(&none, Deployment::External, Some(&local));
+    assert_eq!(resumed.listen, "0.0.0.0:50051");
+    assert_eq!(resumed.metrics_addr, "0.0.0.0:9090");
+    let back = resolve(&none, Deployment::Local, Some(&resumed));
+    assert_eq!(
+        (back.listen.as_str(), back.metrics_addr.as_str()),
+        ("127.0.0.1:0", "127.0.0.1:0")
+    );
+    let mut own = local.clone();
+    own.listen = "10.0.0.5:7000".into();
+    assert_eq!(
+        resolve(&none, Deployment::External, Some(&own)).listen,
+        "10.0.0.5:7000"
+    );
+    assert!(local.resume_conflicts(&resumed).is_empty());
+}
