@@ -327,6 +327,10 @@ impl Running {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
+                // Everything it wrote, not only the lines a wait_for read.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+                    self.log.push(line);
+                }
                 panic!(
                     "the job did not end within {limit:?}:\n{}",
                     self.log.join("\n")
