@@ -56,19 +56,12 @@ impl Layers {
             Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
             None => String::new(),
         };
-        let invalid =
-            |e: config::ConfigError| anyhow!("invalid configuration (from {origin}): {e}");
         let given = builder
             .add_source(environment)
             .add_source(flags.source()?)
             .build()
-            .map_err(invalid)?;
+            .map_err(|e| invalid(&origin, e))?;
         Ok(Layers { given, origin })
-    }
-
-    /// An error in the merged configuration, saying where it came from.
-    fn invalid(&self, e: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("invalid configuration (from {}): {e}", self.origin)
     }
 
     /// Whether any layer sets `key` (a dotted path such as `cluster.shards`), rather than it
@@ -88,7 +81,7 @@ impl Layers {
             Err(config::ConfigError::NotFound(_)) => {
                 run.map_or_else(|| "mlp".to_string(), |r| r.preset.clone())
             }
-            Err(e) => return Err(self.invalid(e)),
+            Err(e) => return Err(invalid(&self.origin, e)),
         };
         let defaults = match run {
             Some(r) if r.preset == preset => deployment.defaults_from_run(r),
@@ -102,10 +95,15 @@ impl Layers {
             .build()
             .context("merging configuration layers")?
             .try_deserialize()
-            .map_err(|e| self.invalid(e))?;
+            .map_err(|e| invalid(&self.origin, e))?;
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// An error in the configuration given by `origin` (see [`Layers`]), saying where it came from.
+fn invalid(origin: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("invalid configuration (from {origin}): {e}")
 }
 
 /// Resolves a new job's configuration for local workers from all layers with an explicit
