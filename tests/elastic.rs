@@ -115,14 +115,15 @@ fn tcp_three_kills_at_random_steps_change_no_bit_and_lose_no_sample() {
 }
 
 /// One epoch of 6,400 samples cut into 6 shards per step, with `args`.
-fn six_shards(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+fn six_shards(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> PathBuf {
     let run = dir.join(name);
     run_ok(
         train_command(&run)
             .args(["--epochs", "1"])
             .args(args)
             .env("LOCKSTEP_CLUSTER__SHARDS", "6")
-            .env("LOCKSTEP_TRAIN_SAMPLES", "6400"),
+            .env("LOCKSTEP_TRAIN_SAMPLES", "6400")
+            .envs(env.iter().copied()),
         Duration::from_secs(120),
         name,
     );
@@ -136,19 +137,47 @@ fn one_two_and_three_workers_with_the_same_shards_give_the_same_bits_with_grpc_a
         dir.path(),
         "grpc-1",
         &["--workers", "1", "--backend", "grpc"],
+        &[],
     );
     let expected = sha256_file(&one.join("model.safetensors"));
-    for (backend, workers) in [("grpc", "2"), ("grpc", "3"), ("tcp", "2"), ("tcp", "3")] {
+    // tcp's local workers share memory unless told not to; then they use their sockets.
+    let sockets = [("LOCKSTEP_CLUSTER__SHARED_MEMORY", "false")];
+    for (name, backend, workers, env) in [
+        ("grpc-2", "grpc", "2", &[][..]),
+        ("grpc-3", "grpc", "3", &[]),
+        ("tcp-shm-2", "tcp", "2", &[]),
+        ("tcp-shm-3", "tcp", "3", &[]),
+        ("tcp-sockets-2", "tcp", "2", &sockets),
+        ("tcp-sockets-3", "tcp", "3", &sockets),
+    ] {
         let run = six_shards(
             dir.path(),
-            &format!("{backend}-{workers}"),
+            name,
             &["--workers", workers, "--backend", backend],
+            env,
         );
         assert_eq!(
             sha256_file(&run.join("model.safetensors")),
             expected,
-            "{workers} {backend} workers differ from one grpc worker"
+            "{name} differs from one grpc worker"
         );
+        if backend == "tcp" {
+            let rank0 = worker_logs(&run)
+                .into_iter()
+                .find(|l| l.contains("listens for the other ranks"))
+                .expect("a rank 0 log");
+            let (shares, says) = (
+                rank0.contains(&format!("the {workers} ranks share memory")),
+                rank0.contains(
+                    "the ranks all-reduce over their links: cluster.shared_memory is false",
+                ),
+            );
+            assert_eq!(
+                (shares, says),
+                (env.is_empty(), !env.is_empty()),
+                "{name}:\n{rank0}"
+            );
+        }
     }
     // The shards really are the arithmetic: another shard count is another model.
     let run = dir.path().join("grpc-1-shards-3");

@@ -3,7 +3,6 @@
 //! 127.0.0.1; an external worker and `lockstep health` reach it at `http://[::1]:PORT`. Skipped,
 //! saying so, on a machine without IPv6 loopback.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,12 +27,6 @@ fn short(cmd: &mut Command) -> &mut Command {
 }
 
 /// The worker logs of a run, together.
-fn worker_logs(run: &Path) -> String {
-    (0..2)
-        .map(|i| std::fs::read_to_string(run.join(format!("logs/worker-{i}.log"))).unwrap())
-        .collect()
-}
-
 #[test]
 fn a_coordinator_on_ipv6_loopback_trains_over_grpc_tcp_and_tls_to_the_ipv4_model() {
     if ipv6_loopback_port().is_none() {
@@ -83,7 +76,7 @@ fn a_coordinator_on_ipv6_loopback_trains_over_grpc_tcp_and_tls_to_the_ipv4_model
             "{name}: the workers did not join over IPv6:\n{log}"
         );
         if backend == "tcp" {
-            let logs = worker_logs(&run);
+            let logs = worker_logs(&run).concat();
             assert!(
                 logs.contains("listens for the other ranks on [::1]:"),
                 "{name}: rank 0 does not listen on IPv6:\n{logs}"

@@ -360,6 +360,25 @@ impl Lcg {
 }
 
 /// The SHA-256 of a file, hex.
+/// The worker logs of a run directory (`logs/worker-*.log`), in file-name order.
+pub fn worker_logs(run: &Path) -> Vec<String> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(run.join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("worker-") && n.ends_with(".log"))
+        })
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect()
+}
+
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest;
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));

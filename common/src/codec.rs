@@ -93,6 +93,19 @@ pub fn put_le_f32s(values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// Writes `values` into `out` as little-endian `f32` bytes; `out` must hold exactly that many.
+pub fn write_le_f32s(values: &[f32], out: &mut [u8]) -> Result<(), CodecError> {
+    check_len(out, values.len())?;
+    if cfg!(target_endian = "little") {
+        out.copy_from_slice(bytemuck::cast_slice(values));
+    } else {
+        for (dst, v) in out.chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
 /// `values` as little-endian `f32` bytes: the values' own memory on a little-endian machine
 /// (no copy), an encoded copy elsewhere. `.into_owned()` when a buffer of its own is needed.
 pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {

@@ -151,6 +151,8 @@ async fn train(options: &Options, joined: Joined, shutdown: &Shutdown) -> Result
             len,
             step_timeout,
             tls: options.tls.is_some(),
+            shards: config.shards(),
+            shared_memory: config.cluster.shared_memory,
         })),
         Backend::Nccl => Some(nccl_former(&device, len)?),
     };

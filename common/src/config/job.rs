@@ -61,6 +61,14 @@ pub struct ClusterConfig {
     /// Most workers at once; replacements may join a running job up to this count. 0: the
     /// starting worker count.
     pub max_workers: u32,
+    /// `tcp` backend: ranks on one host exchange gradients through shared memory (`/dev/shm`)
+    /// instead of their sockets, when every rank can map it; false keeps them on the sockets.
+    #[serde(default = "shared_memory_default")]
+    pub shared_memory: bool,
+}
+
+fn shared_memory_default() -> bool {
+    true
 }
 
 /// TLS on the coordinator's port (see the README's Security section). Paths to PEM files; all

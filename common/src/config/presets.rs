@@ -153,6 +153,7 @@ impl JobConfig {
                 shards: 0,
                 min_workers: 1,
                 max_workers: 0,
+                shared_memory: true,
             },
             tls: TlsConfig::default(),
         })

@@ -42,6 +42,31 @@ impl Gradients {
         Ok(out)
     }
 
+    /// All of them as little-endian `f32` bytes into `out`, which must hold exactly that many
+    /// (e.g. a shared-memory slot): CPU tensors straight from their storage.
+    pub fn write_le_into(&self, out: &mut [u8]) -> Result<()> {
+        let len: usize = self.parts.iter().map(|p| p.elem_count()).sum();
+        if out.len() != len * 4 {
+            return Err(candle_core::Error::Msg(format!(
+                "{} bytes for a gradient of {len} values",
+                out.len()
+            )));
+        }
+        let mut at = 0;
+        for p in &self.parts {
+            let bytes = p.elem_count() * 4;
+            let dst = &mut out[at..at + bytes];
+            let written = if p.device().is_cpu() {
+                codec::with_cpu_f32s(p, |values| codec::write_le_f32s(values, dst))?
+            } else {
+                codec::write_le_f32s(&p.flatten_all()?.to_vec1::<f32>()?, dst)
+            };
+            written.map_err(candle_core::Error::wrap)?;
+            at += bytes;
+        }
+        Ok(())
+    }
+
     /// All of them as host `f32` values.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         self.to_flat_tensor()?.to_vec1::<f32>()

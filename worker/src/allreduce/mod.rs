@@ -5,7 +5,8 @@
 //! - [`CoordinatorReduce`] (`grpc`): every shard gradient goes to the coordinator, which sums
 //!   the step's shards in shard order and sends the average back as a message.
 //! - [`tcp::TcpCollective`] (`tcp`): CPU workers send their shards to the membership's rank 0,
-//!   which runs the coordinator's very summation and sends the average back.
+//!   which runs the coordinator's very summation and sends the average back; ranks on one host
+//!   share memory instead ([`shm`]), and each runs that summation itself.
 //! - `nccl::Nccl` (`nccl`, feature `cuda`): an NCCL all-reduce between GPUs.
 //!
 //! The collective backends are formed anew for every membership ([`Former`]): rank 0 creates
@@ -13,6 +14,7 @@
 //! the other ranks ([`Bootstrap`]), and every rank connects.
 
 pub mod link;
+pub mod shm;
 pub mod tcp;
 
 #[cfg(feature = "cuda")]

@@ -35,14 +35,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use lockstep_common::auth::Token;
 use lockstep_common::codec::{self, CodecError};
 use lockstep_common::protocol::{printable, StepId, MAX_SHARDS};
-use lockstep_common::reduce::average_in_shard_order;
+use lockstep_common::reduce::{average_in_shard_order, Malformed};
 
 use super::link::{self, HostTls, Link};
+use super::shm::{self, Layout, Offer, Segment};
 use super::{AllReduce, Bootstrap, Diverged, Former, ShardResult, StepWork};
 use crate::abort::{AbortSignal, Interrupted};
 use crate::state::Averaged;
 
-const MAGIC: &[u8; 8] = b"LSTCP\x00\x00\x02";
+const MAGIC: &[u8; 8] = b"LSTCP\x00\x00\x03";
 /// How long a rank waits for another rank's gradient before giving up, unless set with
 /// [`TcpCollective::set_step_timeout`] (the worker uses `cluster.step_timeout_s`); the
 /// coordinator's heartbeat timeout catches a dead or frozen worker much sooner.
@@ -237,13 +238,14 @@ impl Host {
             }
         }
         let peers = peers.into_iter().flatten().collect();
-        TcpCollective::new(0, peers, len, abort)
+        TcpCollective::new(0, world, peers, len, abort)
     }
 }
 
 /// One rank's end of the star.
 pub struct TcpCollective {
     rank: u32,
+    world: u32,
     /// Rank 0: the connections of ranks 1.. in rank order. Other ranks: the one to rank 0.
     peers: Vec<Link>,
     /// Gradient length in elements.
@@ -252,6 +254,10 @@ pub struct TcpCollective {
     /// The frames last read, one per peer (their buffers reused every step).
     frames: Vec<Frame>,
     average: Vec<f32>,
+    /// The segment the ranks share when they are on one host ([`TcpCollective::share_memory`]):
+    /// then the gradients go through it, and the links only tell that a rank left.
+    shm: Option<Segment>,
+    abort: AbortSignal,
 }
 
 /// A received step frame.
@@ -318,10 +324,16 @@ impl TcpCollective {
         if !reply.is_empty() {
             bail!("rank 0 refused rank {rank}: {reply}");
         }
-        Self::new(rank, vec![stream], len, abort)
+        Self::new(rank, world, vec![stream], len, abort)
     }
 
-    fn new(rank: u32, peers: Vec<Link>, len: usize, abort: &AbortSignal) -> Result<Self> {
+    fn new(
+        rank: u32,
+        world: u32,
+        peers: Vec<Link>,
+        len: usize,
+        abort: &AbortSignal,
+    ) -> Result<Self> {
         let mut clones = Vec::with_capacity(peers.len());
         for p in &peers {
             p.socket().set_nodelay(true)?;
@@ -336,14 +348,193 @@ impl TcpCollective {
         let frames = peers.iter().map(|_| Frame::default()).collect();
         let mut collective = Self {
             rank,
+            world,
             peers,
             len,
             step_timeout: STEP_TIMEOUT,
             frames,
             average: vec![0.0; len],
+            shm: None,
+            abort: abort.clone(),
         };
         collective.set_step_timeout(STEP_TIMEOUT)?;
         Ok(collective)
+    }
+
+    /// Whether the gradients go through shared memory.
+    pub fn shares_memory(&self) -> bool {
+        self.shm.is_some()
+    }
+
+    /// Agrees, over the links just formed, on whether the ranks share memory for `shards`
+    /// shards per step: rank 0 offers a segment (unless `want` is false on its side), every
+    /// rank tries to map it and answers, and rank 0 tells all of them the outcome. They share
+    /// only if every rank mapped it; otherwise the gradients stay on the links, and rank 0 logs
+    /// why. Rank 0 removes the segment's file once every rank has answered.
+    pub fn share_memory(&mut self, shards: u32, want: bool) -> Result<()> {
+        for p in &self.peers {
+            p.socket().set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+            p.socket().set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        }
+        let layout = Layout::new(self.world, shards, self.len);
+        let outcome = if self.rank == 0 {
+            self.offer_memory(layout, want)
+        } else {
+            self.take_memory(layout, want)
+        };
+        self.set_step_timeout(self.step_timeout)?;
+        outcome
+    }
+
+    fn offer_memory(&mut self, layout: Option<Layout>, want: bool) -> Result<()> {
+        if self.peers.is_empty() {
+            return Ok(()); // nobody to share with
+        }
+        let made = if want {
+            layout
+                .context("the gradients are too large to map")
+                .and_then(Segment::create)
+        } else {
+            Err(anyhow!("cluster.shared_memory is false"))
+        };
+        let offer = made.as_ref().map_or(String::new(), |(_, o)| o.to_text());
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            write_reply(peer, &offer)
+                .with_context(|| format!("offering shared memory to rank {}", i + 1))?;
+        }
+        let mut refusals = Vec::new();
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            let answer = read_reply(peer)
+                .with_context(|| format!("reading rank {}'s answer to the shared memory", i + 1))?;
+            if !answer.is_empty() {
+                refusals.push(format!("rank {} could not map it: {answer}", i + 1));
+            }
+        }
+        let verdict = match &made {
+            Err(e) => format!("{e:#}"),
+            Ok(_) => refusals.join("; "),
+        };
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            write_reply(peer, &verdict)
+                .with_context(|| format!("telling rank {} whether memory is shared", i + 1))?;
+        }
+        match made {
+            Ok((mut segment, _)) => {
+                segment.unlink();
+                if verdict.is_empty() {
+                    tracing::info!(
+                        "the {} ranks share memory: gradients go through {} ({} MiB), the links only watch for a \
+                         rank leaving",
+                        self.world,
+                        shm::DIR,
+                        segment.layout().size().div_ceil(1 << 20)
+                    );
+                    self.shm = Some(segment);
+                } else {
+                    tracing::info!("the ranks all-reduce over their links: {verdict}");
+                }
+            }
+            Err(_) => tracing::info!("the ranks all-reduce over their links: {verdict}"),
+        }
+        Ok(())
+    }
+
+    fn take_memory(&mut self, layout: Option<Layout>, want: bool) -> Result<()> {
+        let peer = &mut self.peers[0];
+        let offer = read_reply(peer).context("reading rank 0's shared-memory offer")?;
+        let (mapped, answer) = if offer.is_empty() {
+            (None, "none offered".to_string())
+        } else if !want {
+            (None, "cluster.shared_memory is false here".to_string())
+        } else {
+            let opened = Offer::parse(&offer).and_then(|o| {
+                Segment::open(&o, layout.context("the gradients are too large to map")?)
+            });
+            match opened {
+                Ok(segment) => (Some(segment), String::new()),
+                Err(e) => (None, format!("{e:#}")),
+            }
+        };
+        write_reply(peer, &answer).context("answering rank 0's shared-memory offer")?;
+        let verdict = read_reply(peer).context("reading whether memory is shared")?;
+        if verdict.is_empty() {
+            self.shm = Some(mapped.context("rank 0 shares memory this rank could not map")?);
+            tracing::debug!("rank {} shares memory with rank 0", self.rank);
+        } else {
+            tracing::debug!("rank {} all-reduces over its link: {verdict}", self.rank);
+        }
+        Ok(())
+    }
+
+    /// The shared-memory all-reduce of step `id`: this rank's shards (`write` puts one into
+    /// its slot) are published, every other rank's awaited, and the average computed here from
+    /// the slots, in shard order.
+    fn average_shared<T>(
+        &mut self,
+        id: StepId,
+        shard_count: u32,
+        global: u32,
+        own: &[(u32, T)],
+        write: impl Fn(&T, &mut [u8]) -> Result<()>,
+    ) -> Result<&[f32]> {
+        let Self {
+            rank,
+            world,
+            peers,
+            step_timeout,
+            average,
+            shm,
+            abort,
+            ..
+        } = self;
+        let segment = shm.as_mut().context("no shared memory")?;
+        let shards = segment.layout().shards;
+        if shard_count != shards {
+            bail!("{id} has {shard_count} shards, the shared memory was made for {shards}");
+        }
+        let counter = segment.next_counter();
+        let mut held = Vec::with_capacity(own.len());
+        for (shard, gradient) in own {
+            write(gradient, segment.slot_mut(counter, *shard)?)?;
+            held.push(*shard);
+        }
+        segment.publish(*rank, counter, id.epoch, id.step, &held)?;
+        let deadline = Instant::now() + *step_timeout;
+        for other in (0..*world).filter(|r| r != rank) {
+            // The same words as over the links.
+            let published = segment
+                .wait_for(other, counter, deadline, || {
+                    abort.check()?;
+                    if peers.iter().any(|p| shm::peer_gone(p.socket())) {
+                        bail!("the other rank closed the connection");
+                    }
+                    Ok(())
+                })
+                .with_context(|| format!("receiving rank {other}'s shard gradients"))?;
+            if !published {
+                bail!(
+                    "receiving rank {other}'s shard gradients: the other rank sent nothing for {:.1}s",
+                    step_timeout.as_secs_f64()
+                );
+            }
+        }
+        // Every shard of the step, by index, with the rank that published it.
+        let mut owners: Vec<Option<u32>> = vec![None; shard_count as usize];
+        for r in 0..*world {
+            let (epoch, step, held) = segment.record(r, counter);
+            let got = StepId::new(epoch, step);
+            if got != id {
+                bail!("out of step: rank {r} published {got} where {id} was expected");
+            }
+            for shard in held {
+                place(&mut owners, shard, r, id)?;
+            }
+        }
+        check_complete(&owners, id)?;
+        let data: Vec<&[u8]> = (0..shard_count).map(|s| segment.slot(counter, s)).collect();
+        average_in_shard_order(&data, global, average)
+            .map_err(|bad| reduce_error(bad, &owners, id))?;
+        Ok(average)
     }
 
     /// How long to wait for another rank's frame before failing.
@@ -367,6 +558,20 @@ impl TcpCollective {
         global: u32,
         own: &[(u32, Vec<u8>)],
     ) -> Result<&[f32]> {
+        if self.shm.is_some() {
+            let len = self.len;
+            return self.average_shared(id, shard_count, global, own, |bytes, slot| {
+                if bytes.len() != len * 4 {
+                    bail!(
+                        "a shard gradient of {} bytes, {} expected",
+                        bytes.len(),
+                        len * 4
+                    );
+                }
+                slot.copy_from_slice(bytes);
+                Ok(())
+            });
+        }
         if self.rank != 0 {
             let peer = &mut self.peers[0];
             let timeout = self.step_timeout;
@@ -391,45 +596,23 @@ impl TcpCollective {
             .with_context(|| format!("receiving rank {}'s shard gradients", i + 1))?;
         }
         // Every shard of the step, by index, with the rank that sent it.
-        let mut parts: Vec<Option<(&[u8], usize)>> = vec![None; shard_count as usize];
+        let mut owners: Vec<Option<u32>> = vec![None; shard_count as usize];
+        let mut data: Vec<&[u8]> = vec![&[]; shard_count as usize];
         let bytes = self.len * 4;
         let theirs = self.frames.iter().enumerate().flat_map(|(i, f)| {
             f.shards
                 .iter()
                 .enumerate()
-                .map(move |(k, &s)| (s, &f.payload[k * bytes..(k + 1) * bytes], i + 1))
+                .map(move |(k, &s)| (s, &f.payload[k * bytes..(k + 1) * bytes], i as u32 + 1))
         });
         let ours = own.iter().map(|(s, b)| (*s, b.as_slice(), 0));
-        for (shard, data, rank) in ours.chain(theirs) {
-            match parts.get_mut(shard as usize) {
-                Some(slot @ None) => *slot = Some((data, rank)),
-                Some(Some((_, first))) => {
-                    bail!("shard {shard} of {id} came from rank {first} and again from rank {rank}")
-                }
-                None => bail!("rank {rank} sent shard {shard}, but {id} has {shard_count} shards"),
-            }
+        for (shard, part, rank) in ours.chain(theirs) {
+            place(&mut owners, shard, rank, id)?;
+            data[shard as usize] = part;
         }
-        let missing: Vec<String> = parts
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.is_none())
-            .map(|(s, _)| s.to_string())
-            .collect();
-        if !missing.is_empty() {
-            bail!("no rank sent shard(s) {} of {id}", missing.join(", "));
-        }
-        let data: Vec<&[u8]> = parts.iter().flatten().map(|(d, _)| *d).collect();
+        check_complete(&owners, id)?;
         if let Err(bad) = average_in_shard_order(&data, global, &mut self.average) {
-            let rank = parts[bad.part].map_or(0, |(_, r)| r);
-            return Err(match bad.error {
-                CodecError::NonFinite(_) => Diverged(format!(
-                    "shard {} of {id} from rank {rank} holds a non-finite value: the model diverged (a learning \
-                     rate too high?)",
-                    bad.part
-                ))
-                .into(),
-                other => anyhow!("rank {rank} sent a malformed gradient for shard {}: {other}", bad.part),
-            });
+            return Err(reduce_error(bad, &owners, id));
         }
         let average = codec::le_bytes(&self.average);
         for (i, peer) in self.peers.iter_mut().enumerate() {
@@ -455,6 +638,18 @@ impl Drop for TcpCollective {
 
 impl AllReduce for TcpCollective {
     fn submit(&mut self, step: &StepWork, shards: Vec<ShardResult>) -> Result<Option<Averaged>> {
+        if self.shm.is_some() {
+            // Straight from the gradients' tensors into the slots: no copy of their own.
+            let own: Vec<(u32, &ShardResult)> = shards.iter().map(|s| (s.index, s)).collect();
+            let average = self.average_shared(
+                step.id.id,
+                step.shard_count,
+                step.global_count,
+                &own,
+                |s, slot| Ok(s.gradient.write_le_into(slot)?),
+            )?;
+            return Ok(Some(Averaged::Host(average.to_vec())));
+        }
         let own = shards
             .iter()
             .map(|s| Ok((s.index, s.gradient.to_bytes()?)))
@@ -474,6 +669,10 @@ pub struct TcpFormer {
     pub step_timeout: Duration,
     /// Whether the job uses TLS: then the links do too, and a plaintext rendezvous is refused.
     pub tls: bool,
+    /// Shards per step (the shared memory's slots).
+    pub shards: u32,
+    /// Whether ranks on one host may share memory (`cluster.shared_memory`).
+    pub shared_memory: bool,
 }
 
 impl Former for TcpFormer {
@@ -508,7 +707,54 @@ impl Former for TcpFormer {
             TcpCollective::connect(&rendezvous, rank, world, self.len, boot.timeout, boot.abort)?
         };
         collective.set_step_timeout(self.step_timeout)?;
+        collective.share_memory(self.shards, self.shared_memory)?;
         Ok(Box::new(collective))
+    }
+}
+
+/// Records that `rank` brought `shard` of step `id`; a shard out of range or brought twice is
+/// refused.
+fn place(owners: &mut [Option<u32>], shard: u32, rank: u32, id: StepId) -> Result<()> {
+    let count = owners.len();
+    match owners.get_mut(shard as usize) {
+        Some(slot @ None) => *slot = Some(rank),
+        Some(Some(first)) => {
+            bail!("shard {shard} of {id} came from rank {first} and again from rank {rank}")
+        }
+        None => bail!("rank {rank} sent shard {shard}, but {id} has {count} shards"),
+    }
+    Ok(())
+}
+
+/// Fails unless every shard of step `id` was brought.
+fn check_complete(owners: &[Option<u32>], id: StepId) -> Result<()> {
+    let missing: Vec<String> = owners
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.is_none())
+        .map(|(s, _)| s.to_string())
+        .collect();
+    if !missing.is_empty() {
+        bail!("no rank sent shard(s) {} of {id}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// What a shard gradient the reducer refused means: divergence, or a malformed gradient
+/// (`owners`: the rank that brought each shard).
+fn reduce_error(bad: Malformed, owners: &[Option<u32>], id: StepId) -> anyhow::Error {
+    let rank = owners.get(bad.part).copied().flatten().unwrap_or(0);
+    match bad.error {
+        CodecError::NonFinite(_) => Diverged(format!(
+            "shard {} of {id} from rank {rank} holds a non-finite value: the model diverged (a learning \
+             rate too high?)",
+            bad.part
+        ))
+        .into(),
+        other => anyhow!(
+            "rank {rank} sent a malformed gradient for shard {}: {other}",
+            bad.part
+        ),
     }
 }
 
@@ -724,19 +970,11 @@ mod tests {
         codec::le_bytes(values).into_owned()
     }
 
-    /// Runs `world` ranks on threads; rank r contributes the shards `shards(r)`.
-    fn average(
-        world: u32,
-        shard_count: u32,
-        global: u32,
-        shards: impl Fn(u32) -> Vec<(u32, Vec<f32>)> + Sync,
-    ) -> Vec<Result<Vec<f32>>> {
-        average_with(false, world, shard_count, global, shards)
-    }
-
-    /// [`average`], over TLS links when `tls`.
+    /// Runs `world` ranks on threads, over TLS links when `tls`, through shared memory when
+    /// `shm`; rank r contributes the shards `shards(r)`.
     fn average_with(
         tls: bool,
+        shm: bool,
         world: u32,
         shard_count: u32,
         global: u32,
@@ -748,6 +986,8 @@ mod tests {
         let len = shards(0)[0].1.len();
         let id = StepId::new(0, 5);
         let run = |mut c: TcpCollective, r: u32| -> Result<Vec<f32>> {
+            c.share_memory(shard_count, shm)?;
+            assert_eq!(c.shares_memory(), shm && world > 1, "rank {r}");
             let own: Vec<(u32, Vec<u8>)> = shards(r).iter().map(|(s, v)| (*s, bytes(v))).collect();
             Ok(c.average(id, shard_count, global, &own)?.to_vec())
         };
@@ -778,13 +1018,17 @@ mod tests {
             (2, |r| if r == 0 { vec![1] } else { vec![0, 2] }),
             (1, |_| vec![0, 1, 2]),
         ];
-        for tls in [false, true] {
+        for (tls, shm) in [(false, false), (true, false), (false, true), (true, true)] {
             for (world, mine) in layouts {
-                let results = average_with(tls, world, 3, 4, |r| {
+                let results = average_with(tls, shm, world, 3, 4, |r| {
                     mine(r).into_iter().map(|s| (s, shard(s))).collect()
                 });
                 for (rank, r) in results.into_iter().enumerate() {
-                    assert_eq!(r.unwrap(), expected, "tls {tls}, world {world} rank {rank}");
+                    assert_eq!(
+                        r.unwrap(),
+                        expected,
+                        "tls {tls}, shm {shm}, world {world} rank {rank}"
+                    );
                 }
             }
         }
@@ -798,20 +1042,164 @@ mod tests {
 
     #[test]
     fn a_non_finite_shard_is_divergence_naming_its_rank_and_a_missing_shard_is_refused() {
-        let results = average(2, 2, 2, |r| {
-            vec![(r, vec![1.0, if r == 1 { f32::NAN } else { 2.0 }])]
+        for shm in [false, true] {
+            let results = average_with(false, shm, 2, 2, 2, |r| {
+                vec![(r, vec![1.0, if r == 1 { f32::NAN } else { 2.0 }])]
+            });
+            let err = results[0].as_ref().unwrap_err();
+            assert!(super::super::is_diverged(err), "{err:#}");
+            assert!(
+                format!("{err:#}").contains("shard 1 of epoch 1 step 6 from rank 1"),
+                "{err:#}"
+            );
+            assert!(results[1].is_err(), "rank 1 must not get an average");
+
+            let results = average_with(false, shm, 2, 3, 2, |r| vec![(r, vec![1.0])]);
+            let err = format!("{:#}", results[0].as_ref().unwrap_err());
+            assert!(err.contains("no rank sent shard(s) 2"), "{err}");
+            // Two ranks bringing the same shard.
+            let results = average_with(false, shm, 2, 2, 2, |_| vec![(0, vec![1.0])]);
+            let err = format!("{:#}", results[0].as_ref().unwrap_err());
+            assert!(
+                err.contains("shard 0 of epoch 1 step 6 came from rank 0 and again from rank 1"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_memory_gives_the_links_bits_step_after_step_and_leaves_no_file() {
+        // Five steps (both halves of the double buffer, twice), gradients that differ per
+        // step, shard and rank, summed in an order-sensitive way.
+        let len = 1000;
+        let value = |step: u64, shard: u32, i: usize| {
+            let x = (step as f32 + 1.0)
+                * 1e7
+                * if (i + shard as usize).is_multiple_of(3) {
+                    -1.0
+                } else {
+                    1.0
+                };
+            x + (i as f32 * 0.37 + shard as f32).sin()
+        };
+        let run = |shm: bool| -> Vec<Vec<f32>> {
+            let abort = AbortSignal::default();
+            let h = host();
+            let rv = h.rendezvous().clone();
+            let ranks = |mut c: TcpCollective, r: u32| -> Vec<Vec<f32>> {
+                c.share_memory(3, shm).unwrap();
+                assert_eq!(c.shares_memory(), shm);
+                let mine: Vec<u32> = if r == 0 { vec![2] } else { vec![0, 1] };
+                (0..5u64)
+                    .map(|step| {
+                        let own: Vec<(u32, Vec<u8>)> = mine
+                            .iter()
+                            .map(|&s| {
+                                (
+                                    s,
+                                    bytes(&(0..len).map(|i| value(step, s, i)).collect::<Vec<_>>()),
+                                )
+                            })
+                            .collect();
+                        c.average(StepId::new(1, step), 3, 96, &own)
+                            .unwrap()
+                            .to_vec()
+                    })
+                    .collect()
+            };
+            std::thread::scope(|s| {
+                let one = s.spawn(|| {
+                    ranks(
+                        TcpCollective::connect(&rv, 1, 2, len, T, &abort).unwrap(),
+                        1,
+                    )
+                });
+                let zero = ranks(h.accept(2, len, T, &abort).unwrap(), 0);
+                let one = one.join().unwrap();
+                assert_eq!(zero, one, "both ranks get the same bits");
+                zero
+            })
+        };
+        let shared = run(true);
+        assert_eq!(
+            shared,
+            run(false),
+            "shared memory and the links agree bit for bit"
+        );
+        let leftover: Vec<_> = std::fs::read_dir(shm::DIR)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("lockstep-{}-", std::process::id()))
+            })
+            .collect();
+        assert!(leftover.is_empty(), "{leftover:?}");
+    }
+
+    #[test]
+    fn one_rank_without_shared_memory_keeps_every_rank_on_the_links() {
+        let abort = AbortSignal::default();
+        let h = host();
+        let rv = h.rendezvous().clone();
+        std::thread::scope(|s| {
+            let others: Vec<_> = (1..3)
+                .map(|r| {
+                    let (rv, abort) = (rv.clone(), abort.clone());
+                    s.spawn(move || {
+                        let mut c = TcpCollective::connect(&rv, r, 3, 4, T, &abort).unwrap();
+                        c.share_memory(3, r != 2).unwrap();
+                        assert!(!c.shares_memory());
+                        c.average(StepId::new(0, 0), 3, 3, &[(r, bytes(&[r as f32; 4]))])
+                            .unwrap()
+                            .to_vec()
+                    })
+                })
+                .collect();
+            let mut zero = h.accept(3, 4, T, &abort).unwrap();
+            zero.share_memory(3, true).unwrap();
+            assert!(!zero.shares_memory());
+            let avg = zero
+                .average(StepId::new(0, 0), 3, 3, &[(0, bytes(&[0.0; 4]))])
+                .unwrap()
+                .to_vec();
+            assert_eq!(avg, [1.0; 4]);
+            for t in others {
+                assert_eq!(t.join().unwrap(), [1.0; 4]);
+            }
         });
-        let err = results[0].as_ref().unwrap_err();
-        assert!(super::super::is_diverged(err), "{err:#}");
+    }
+
+    #[test]
+    fn an_offer_outside_the_shared_memory_directory_or_of_another_segment_is_refused() {
+        let good =
+            Offer::parse("shm1 /dev/shm/lockstep-1-00 000102030405060708090a0b0c0d0e0f").unwrap();
+        assert_eq!(good.nonce[15], 15);
+        for bad in [
+            "shm1 /tmp/lockstep-1-00 000102030405060708090a0b0c0d0e0f",
+            "shm1 /dev/shm/../etc/passwd 000102030405060708090a0b0c0d0e0f",
+            "shm1 /dev/shm/other 000102030405060708090a0b0c0d0e0f",
+            "shm1 /dev/shm/lockstep-1-00 0001",
+            "shm2 /dev/shm/lockstep-1-00 000102030405060708090a0b0c0d0e0f",
+        ] {
+            assert!(Offer::parse(bad).is_err(), "{bad}");
+        }
+        // A segment for another layout, or with another nonce, is not taken.
+        let layout = Layout::new(2, 2, 16).unwrap();
+        let (_made, offer) = Segment::create(layout).unwrap();
+        assert!(Segment::open(&offer, layout).is_ok());
+        let err = Segment::open(&offer, Layout::new(2, 2, 17).unwrap())
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("bytes"), "{err:#}");
+        let mut forged = offer.clone();
+        forged.nonce[0] ^= 1;
+        let err = Segment::open(&forged, layout).err().unwrap();
         assert!(
-            format!("{err:#}").contains("shard 1 of epoch 1 step 6 from rank 1"),
+            format!("{err:#}").contains("not the segment rank 0 offered"),
             "{err:#}"
         );
-        assert!(results[1].is_err(), "rank 1 must not get an average");
-
-        let results = average(2, 3, 2, |r| vec![(r, vec![1.0])]);
-        let err = format!("{:#}", results[0].as_ref().unwrap_err());
-        assert!(err.contains("no rank sent shard(s) 2"), "{err}");
     }
 
     #[test]
@@ -915,27 +1303,37 @@ mod tests {
         });
     }
 
-    /// Ranks 0 and 1 of a two-rank collective over 4 values, connected, over TLS when `tls`.
-    fn pair_with(abort: &AbortSignal, tls: bool) -> (TcpCollective, TcpCollective) {
+    /// Ranks 0 and 1 of a two-rank collective over 4 values, connected, over TLS when `tls`,
+    /// sharing memory when `shm`.
+    fn pair_with(abort: &AbortSignal, tls: bool, shm: bool) -> (TcpCollective, TcpCollective) {
         let h = host_with(tls);
         let rv = h.rendezvous().clone();
         std::thread::scope(|s| {
-            let zero = s.spawn(move || h.accept(2, 4, T, abort));
-            let one = TcpCollective::connect(&rv, 1, 2, 4, T, abort).unwrap();
-            (zero.join().unwrap().unwrap(), one)
+            let zero = s.spawn(move || {
+                let mut c = h.accept(2, 4, T, abort).unwrap();
+                c.share_memory(2, shm).unwrap();
+                c
+            });
+            let mut one = TcpCollective::connect(&rv, 1, 2, 4, T, abort).unwrap();
+            one.share_memory(2, shm).unwrap();
+            let zero = zero.join().unwrap();
+            assert_eq!((zero.shares_memory(), one.shares_memory()), (shm, shm));
+            (zero, one)
         })
     }
 
+    const MODES: [(bool, bool); 4] = [(false, false), (true, false), (false, true), (true, true)];
+
     #[test]
     fn a_rank_that_goes_away_fails_the_step_instead_of_hanging() {
-        for tls in [false, true] {
-            rank_goes_away(tls);
+        for (tls, shm) in MODES {
+            rank_goes_away(tls, shm);
         }
     }
 
-    fn rank_goes_away(tls: bool) {
+    fn rank_goes_away(tls: bool, shm: bool) {
         let abort = AbortSignal::default();
-        let (mut zero, one) = pair_with(&abort, tls);
+        let (mut zero, one) = pair_with(&abort, tls, shm);
         drop(one);
         let err = format!(
             "{:#}",
@@ -948,14 +1346,14 @@ mod tests {
 
     #[test]
     fn a_silent_rank_times_out_and_a_pause_unblocks_the_wait_at_once() {
-        for tls in [false, true] {
-            silent_rank(tls);
+        for (tls, shm) in MODES {
+            silent_rank(tls, shm);
         }
     }
 
-    fn silent_rank(tls: bool) {
+    fn silent_rank(tls: bool, shm: bool) {
         let abort = AbortSignal::default();
-        let (mut zero, _one) = pair_with(&abort, tls);
+        let (mut zero, _one) = pair_with(&abort, tls, shm);
         zero.set_step_timeout(Duration::from_millis(200)).unwrap();
         let started = Instant::now();
         let err = format!(
@@ -966,16 +1364,17 @@ mod tests {
         assert!(err.contains("sent nothing for 0.2s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
 
-        let (mut zero, _one) = pair_with(&abort, tls);
+        let (mut zero, _one) = pair_with(&abort, tls, shm);
         let tripper = abort.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             tripper.trip();
         });
         let started = Instant::now();
-        assert!(zero
+        let err = zero
             .average(StepId::new(0, 0), 2, 2, &[(0, bytes(&[1.0; 4]))])
-            .is_err());
+            .unwrap_err();
+        assert!(!shm || crate::abort::is_interrupted(&err), "{err:#}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the 300 s step timeout was waited out"
