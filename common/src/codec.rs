@@ -95,7 +95,7 @@ pub fn put_le_f32s(values: &[f32], out: &mut Vec<u8>) {
 
 /// Writes `values` into `out` as little-endian `f32` bytes; `out` must hold exactly that many.
 pub fn write_le_f32s(values: &[f32], out: &mut [u8]) -> Result<(), CodecError> {
-    check_len(out, values.len())?;
+    check_le_len(out, values.len())?;
     if cfg!(target_endian = "little") {
         out.copy_from_slice(bytemuck::cast_slice(values));
     } else {
@@ -119,7 +119,7 @@ pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
 }
 
 /// Checks that `bytes` hold exactly `expected` little-endian `f32`s.
-fn check_len(bytes: &[u8], expected: usize) -> Result<(), CodecError> {
+pub fn check_le_len(bytes: &[u8], expected: usize) -> Result<(), CodecError> {
     if !bytes.len().is_multiple_of(4) {
         return Err(CodecError::Ragged(bytes.len()));
     }
@@ -143,7 +143,7 @@ pub fn le_f32s(bytes: &[u8]) -> Result<Vec<f32>, CodecError> {
 /// Decodes little-endian `f32` bytes into `out`, which they must fill exactly (else nothing is
 /// written and the lengths are reported).
 pub fn le_f32s_into(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
-    check_len(bytes, out.len())?;
+    check_le_len(bytes, out.len())?;
     if cfg!(target_endian = "little") {
         // One memcpy into the (aligned) destination; the source may be unaligned.
         bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
@@ -174,7 +174,7 @@ pub fn le_f32_iter(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
 /// Adds little-endian `f32` bytes element-wise into `acc` (the reducer's inner loop, without
 /// an intermediate decoded copy).
 pub fn add_le_f32s(acc: &mut [f32], bytes: &[u8]) -> Result<(), CodecError> {
-    check_len(bytes, acc.len())?;
+    check_le_len(bytes, acc.len())?;
     for (a, v) in acc.iter_mut().zip(le_f32_iter(bytes)) {
         *a += v;
     }
@@ -240,7 +240,7 @@ pub fn tensor_from_le(
 ) -> candle_core::Result<Tensor> {
     let shape = shape.into();
     // Checked before allocating: the shape is the caller's, the bytes a peer's.
-    check_len(bytes, shape.elem_count()).map_err(candle_core::Error::wrap)?;
+    check_le_len(bytes, shape.elem_count()).map_err(candle_core::Error::wrap)?;
     let values = le_f32s(bytes).map_err(candle_core::Error::wrap)?;
     Tensor::from_vec(values, shape, device)
 }

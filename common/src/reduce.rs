@@ -25,12 +25,45 @@ pub fn average_in_shard_order(
     samples: u32,
     out: &mut [f32],
 ) -> Result<(), Malformed> {
-    out.fill(0.0);
     for (part, bytes) in parts.iter().enumerate() {
-        codec::add_le_f32s(out, bytes).map_err(|error| Malformed { part, error })?;
+        codec::check_le_len(bytes, out.len()).map_err(|error| Malformed { part, error })?;
     }
-    // A finite sum means every part was finite; only on failure look for the culprit.
-    if let Err(sum_error) = codec::check_finite(out) {
+    // One pass over memory, a cache-sized chunk at a time: every element still gets exactly
+    // `((0 + g_0) + g_1 + ...) / samples`, the same operations in the same order as a pass
+    // per shard, so the same bits.
+    const CHUNK: usize = 2048;
+    let n = samples.max(1) as f32;
+    // Dividing by a power of two is multiplying by its inverse, which is exact: the same
+    // correctly rounded result, bit for bit (subnormals included), at a fraction of a
+    // division's cost. Global batches of 64 hit this path.
+    let exact_inverse = samples
+        .max(1)
+        .is_power_of_two()
+        .then(|| 1.0 / n)
+        .filter(|inverse| inverse.is_normal());
+    let mut finite = true;
+    for (c, acc) in out.chunks_mut(CHUNK).enumerate() {
+        let bytes = c * CHUNK * 4..(c * CHUNK + acc.len()) * 4;
+        acc.fill(0.0);
+        for part in parts {
+            for (a, v) in acc.iter_mut().zip(codec::le_f32_iter(&part[bytes.clone()])) {
+                *a += v;
+            }
+        }
+        // Non-finite after dividing by `n >= 1` exactly when the sum was.
+        if let Some(inverse) = exact_inverse {
+            for a in acc.iter_mut() {
+                *a *= inverse;
+            }
+        } else {
+            for a in acc.iter_mut() {
+                *a /= n;
+            }
+        }
+        finite &= codec::check_finite(acc).is_ok();
+    }
+    if !finite {
+        // Only now look for the culprit.
         let mut scratch = vec![0.0f32; out.len()];
         for (part, bytes) in parts.iter().enumerate() {
             codec::le_f32s_into(bytes, &mut scratch).map_err(|error| Malformed { part, error })?;
@@ -39,12 +72,8 @@ pub fn average_in_shard_order(
         // Every part is finite but their sum overflowed; blame the last part added.
         return Err(Malformed {
             part: parts.len().saturating_sub(1),
-            error: sum_error,
+            error: codec::check_finite(out).expect_err("a non-finite value"),
         });
-    }
-    let n = samples.max(1) as f32;
-    for v in out.iter_mut() {
-        *v /= n;
     }
     Ok(())
 }

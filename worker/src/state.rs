@@ -7,6 +7,8 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use candle_core::Tensor;
+use std::sync::Arc;
+
 use lockstep_common::checkpoint::{Position, TrainingState};
 use lockstep_common::codec;
 use lockstep_common::config::OptimizerConfig;
@@ -18,8 +20,9 @@ use lockstep_common::protocol::StepId;
 pub enum Averaged {
     /// Little-endian f32 bytes (the grpc coordinator's message).
     Bytes(Bytes),
-    /// Host values (tcp).
-    Host(Vec<f32>),
+    /// Host values (tcp). Shared with the collective that made them, which reuses the buffer
+    /// for the next step once the optimizer has let go of it.
+    Host(Arc<Vec<f32>>),
     /// A flat tensor on the device (nccl).
     Device(Tensor),
 }
@@ -153,7 +156,9 @@ impl ModelState for DeviceState {
         let device = replica.device().clone();
         let avg = match average {
             Averaged::Device(t) => t,
-            Averaged::Host(v) => Tensor::from_vec(v, self.params.elem_count(), &device)?,
+            Averaged::Host(v) => {
+                Tensor::from_vec(Arc::unwrap_or_clone(v), self.params.elem_count(), &device)?
+            }
             Averaged::Bytes(b) => codec::tensor_from_le(&b, self.params.elem_count(), &device)?,
         };
         self.optimizer.set_epoch(epoch);

@@ -601,7 +601,7 @@ mod tests {
             let mut out = vec![0.0; parts[0].len() / 4];
             lockstep_common::reduce::average_in_shard_order(&refs, step.global_count, &mut out)
                 .map_err(|e| Diverged(format!("shard {}: {}", e.part, e.error)))?;
-            Ok(Some(Averaged::Host(out)))
+            Ok(Some(Averaged::Host(std::sync::Arc::new(out))))
         }
     }
 

@@ -29,6 +29,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -253,7 +254,8 @@ pub struct TcpCollective {
     step_timeout: Duration,
     /// The frames last read, one per peer (their buffers reused every step).
     frames: Vec<Frame>,
-    average: Vec<f32>,
+    /// The last average, handed to the optimizer without a copy ([`Averaged::Host`]).
+    average: Arc<Vec<f32>>,
     /// The segment the ranks share when they are on one host ([`TcpCollective::share_memory`]):
     /// then the gradients go through it, and the links only tell that a rank left.
     shm: Option<Segment>,
@@ -353,7 +355,7 @@ impl TcpCollective {
             len,
             step_timeout: STEP_TIMEOUT,
             frames,
-            average: vec![0.0; len],
+            average: Arc::new(vec![0.0; len]),
             shm: None,
             abort: abort.clone(),
         };
@@ -532,9 +534,10 @@ impl TcpCollective {
         }
         check_complete(&owners, id)?;
         let data: Vec<&[u8]> = (0..shard_count).map(|s| segment.slot(counter, s)).collect();
-        average_in_shard_order(&data, global, average)
+        // The optimizer has dropped the last step's average by now: no copy.
+        average_in_shard_order(&data, global, Arc::make_mut(average).as_mut_slice())
             .map_err(|bad| reduce_error(bad, &owners, id))?;
-        Ok(average)
+        Ok(average.as_slice())
     }
 
     /// How long to wait for another rank's frame before failing.
@@ -580,8 +583,11 @@ impl TcpCollective {
             let frame = &mut self.frames[0];
             read_frame(peer, id, self.len, Holds::Average, frame, timeout)
                 .context("receiving the average from rank 0")?;
-            codec::le_f32s_into(&frame.payload, &mut self.average)
-                .map_err(|e| anyhow!("rank 0 sent a malformed average: {e}"))?;
+            codec::le_f32s_into(
+                &frame.payload,
+                Arc::make_mut(&mut self.average).as_mut_slice(),
+            )
+            .map_err(|e| anyhow!("rank 0 sent a malformed average: {e}"))?;
             return Ok(&self.average);
         }
         for (i, peer) in self.peers.iter_mut().enumerate() {
@@ -611,7 +617,11 @@ impl TcpCollective {
             data[shard as usize] = part;
         }
         check_complete(&owners, id)?;
-        if let Err(bad) = average_in_shard_order(&data, global, &mut self.average) {
+        if let Err(bad) = average_in_shard_order(
+            &data,
+            global,
+            Arc::make_mut(&mut self.average).as_mut_slice(),
+        ) {
             return Err(reduce_error(bad, &owners, id));
         }
         let average = codec::le_bytes(&self.average);
@@ -641,21 +651,21 @@ impl AllReduce for TcpCollective {
         if self.shm.is_some() {
             // Straight from the gradients' tensors into the slots: no copy of their own.
             let own: Vec<(u32, &ShardResult)> = shards.iter().map(|s| (s.index, s)).collect();
-            let average = self.average_shared(
+            self.average_shared(
                 step.id.id,
                 step.shard_count,
                 step.global_count,
                 &own,
                 |s, slot| Ok(s.gradient.write_le_into(slot)?),
             )?;
-            return Ok(Some(Averaged::Host(average.to_vec())));
+            return Ok(Some(Averaged::Host(Arc::clone(&self.average))));
         }
         let own = shards
             .iter()
             .map(|s| Ok((s.index, s.gradient.to_bytes()?)))
             .collect::<Result<Vec<_>>>()?;
-        let average = self.average(step.id.id, step.shard_count, step.global_count, &own)?;
-        Ok(Some(Averaged::Host(average.to_vec())))
+        self.average(step.id.id, step.shard_count, step.global_count, &own)?;
+        Ok(Some(Averaged::Host(Arc::clone(&self.average))))
     }
 }
 
