@@ -10,6 +10,8 @@
 #   BACKEND=grpc bash bench/bench.sh  # through the coordinator (default: tcp, the workers
 #                                     # all-reduce among themselves, as lockstep train's default)
 #   TLS=1 bash bench/bench.sh       # the job over TLS (certificates from `lockstep certs`)
+#   LOCKSTEP_CLUSTER__SHARED_MEMORY=false bash bench/bench.sh   # tcp ranks on their sockets
+#                                   # instead of shared memory (any LOCKSTEP_ setting passes through)
 #   BIN=/path/to/other/build bash bench/bench.sh   # another build's lockstep + lockstep-worker
 #                                      # (to compare two versions in one sitting, interleaved)
 #   PEER=torch bash bench/bench.sh  # PyTorch in the same sitting, interleaved with our runs:
