@@ -21,7 +21,10 @@
 //!
 //! Wire format (little-endian): a connecting rank sends `MAGIC`, its rank (u32), the world
 //! size (u32), the gradient length in elements (u64), the membership (u64) and the secret (u16
-//! length + bytes); rank 0 answers with a u16-length message, empty when accepted. A step frame
+//! length + bytes); rank 0 answers with a u16-length message, empty when accepted. Then the
+//! ranks agree on shared memory ([`super::shm`]), in three more u16-length messages per link:
+//! rank 0's offer (empty: none), the rank's answer (empty: mapped), rank 0's verdict (empty: every
+//! rank mapped it, the gradients go through the segment from now on). Otherwise, a step frame
 //! is the epoch (u64), the step (u64), the number of shards it holds `k` (u32), the step's
 //! shard count (u32), `k` shard indices (u32 each), the payload length in bytes (u64) and the
 //! payload (the `k` gradients back to back). Rank 0 answers with a frame of no shards whose
