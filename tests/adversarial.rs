@@ -576,8 +576,10 @@ fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Cod
 
 #[test]
 fn a_leave_a_state_upload_or_a_step_stream_from_a_non_member_is_refused_with_an_rpc_error() {
-    let job = Job::start("tcp", 2, 1, &[]);
-    runtime().block_on(async {
+    let mut job = Job::start("tcp", 2, 1, &[]);
+    // One runtime for both halves: the fake's connection lives on it.
+    let rt = runtime();
+    let member = rt.block_on(async {
         // The fake is the job's second member; the job waits for it while the probes run.
         let member = Fake::join(&job.url, "probe/member").await;
         let mut stranger = client(&job.url, TOKEN).await;
@@ -624,8 +626,13 @@ fn a_leave_a_state_upload_or_a_step_stream_from_a_non_member_is_refused_with_an_
             Code::Unauthenticated,
             "wrong job token",
         );
-        member.leave("probe finished").await;
+        member
     });
+    // The fake leaves a running job, which carries on with the real worker. (Leaving before
+    // the training starts would make the job wait for a second worker instead.)
+    job.coordinator
+        .wait_for("all 2 workers connected", Duration::from_secs(60));
+    rt.block_on(member.leave("probe finished"));
     let log = job.finish_ok(SAMPLES);
     for refusal in [
         "refused a Leave from 127.0.0.1:",
