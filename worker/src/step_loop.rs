@@ -39,6 +39,9 @@ use crate::allreduce::{
 use crate::state::{Averaged, ModelState};
 use crate::stream::{Outbox, StepChannels};
 
+/// Collective modes: `StepDone` reports sent together (see `Loop::held`).
+const REPORT_BURST: usize = 8;
+
 /// How long the ranks of a new membership wait for each other.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -120,7 +123,20 @@ struct Pending {
 /// Runs the step loop until the stream ends. Returns the number of steps applied.
 pub fn run(setup: Setup) -> Result<u64> {
     let mut l = Loop::new(setup);
-    while let Ok(msg) = l.inbox.recv() {
+    loop {
+        let msg = match l.inbox.try_recv() {
+            Ok(msg) => msg,
+            Err(std_mpsc::TryRecvError::Disconnected) => break,
+            Err(std_mpsc::TryRecvError::Empty) => {
+                // Nothing to do until the coordinator sends more: the reports it waits for go
+                // out first.
+                l.flush_reports();
+                match l.inbox.recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
+            }
+        };
         match msg {
             FromCoordinator::Configure(c) => l.configure(c)?,
             FromCoordinator::Work(w) => l.queue(w),
@@ -131,6 +147,7 @@ pub fn run(setup: Setup) -> Result<u64> {
         }
         l.progress()?;
     }
+    l.flush_reports();
     l.times.log();
     Ok(l.times.steps)
 }
@@ -162,6 +179,12 @@ struct Loop {
     /// Device statistics not yet read: `[loss_sum, correct]` and their sample count.
     lazy: Option<(Tensor, u32)>,
     steps_since_read: u64,
+    /// Collective modes: `StepDone` reports not sent yet. They go out [`REPORT_BURST`] at a
+    /// time (each message wakes the stream task here and the coordinator's there, which on a
+    /// small model costs the cores more than the step's bookkeeping), at once after a step that
+    /// ends an epoch, is due a digest or uploads the state, and before anything else is sent
+    /// or the loop waits for the coordinator.
+    held: Vec<FromWorker>,
     scratch: Vec<f32>,
     times: StepTimes,
     /// The last applied step's all-reduce wait and apply time, in ms, for the reports.
@@ -194,6 +217,7 @@ impl Loop {
             pending: BTreeMap::new(),
             lazy: None,
             steps_since_read: 0,
+            held: Vec::new(),
             scratch: Vec::new(),
             times: StepTimes::default(),
             previous: (0.0, 0.0),
@@ -483,11 +507,16 @@ impl Loop {
                 wait_ms: self.previous.0,
                 apply_ms: self.previous.1,
             });
-            if !self.out.send(done) {
-                bail!("the step stream closed after {step}");
-            }
+            self.held.push(done);
         }
-        if schedule::digest_due(step.step, self.config.cluster.digest_every, last_of_epoch) {
+        let digest_due =
+            schedule::digest_due(step.step, self.config.cluster.digest_every, last_of_epoch);
+        if (self.held.len() >= REPORT_BURST || last_of_epoch || digest_due || pending.push_state)
+            && !self.flush_reports()
+        {
+            bail!("the step stream closed after {step}");
+        }
+        if digest_due {
             let sha256 = self.state.digest()?;
             self.out.send(FromWorker::Digest { id: stamp, sha256 });
         }
@@ -498,12 +527,19 @@ impl Loop {
         Ok(())
     }
 
+    /// Sends the held reports; false when the stream has closed.
+    fn flush_reports(&mut self) -> bool {
+        self.held.drain(..).all(|m| self.out.send(m))
+    }
+
     fn push(&mut self, version: u64) -> Result<()> {
+        self.flush_reports();
         let state = self.state.snapshot(self.next)?;
         self.states.push(version, &state)
     }
 
     fn pause(&mut self, membership: u64) -> Result<()> {
+        self.flush_reports();
         self.abort.acknowledge();
         self.drop_collective();
         self.queued.clear();
@@ -523,6 +559,7 @@ impl Loop {
     /// Collective modes: tells the coordinator that `step` could not be finished here, drops
     /// the collective, and waits for the coordinator's next membership (or the job's end).
     fn report_failure(&mut self, step: StepId, e: anyhow::Error) {
+        self.flush_reports();
         let diverged = is_diverged(&e);
         let reason = format!("{e:#}");
         tracing::warn!("{reason}");

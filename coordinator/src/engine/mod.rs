@@ -52,6 +52,48 @@ use inflight::{InFlight, Slot, Step};
 /// How many steps ahead of the oldest unfinished one the coordinator sends work. (A deeper
 /// queue for NCCL workers, which do not wait on the coordinator, measured no faster on an H100.)
 const PIPELINE_DEPTH: u64 = 2;
+/// Collective modes: how many steps ahead of the oldest unfinished one the work goes, and in
+/// bursts of how many steps. A message per step and member, each waking the step stream's task
+/// here and the worker's there, cost two cores more than the bookkeeping did (the coordinator
+/// took a third of a core on `mlp`, a fifth after); the workers send their reports in bursts
+/// too. grpc keeps [`PIPELINE_DEPTH`]: its coordinator holds every step's gradients.
+const COLLECTIVE_DEPTH: u64 = 16;
+const BURST: u64 = 8;
+
+/// How far work goes out ahead, and in bursts of how many steps.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    depth: u64,
+    burst: u64,
+}
+
+impl Window {
+    /// How many steps to send now, from `sent_until` on: those with at most `depth` steps
+    /// between them and `next` (the oldest unfinished), within `next`'s epoch and before
+    /// `end`; but none until a whole burst fits, unless nothing is out (`idle`) or what fits
+    /// reaches the end of the epoch or of the job.
+    fn steps_to_send(
+        self,
+        sent_until: StepId,
+        next: StepId,
+        end: StepId,
+        steps_per_epoch: u64,
+        idle: bool,
+    ) -> u64 {
+        let sendable =
+            |at: StepId| at < end && at.epoch == next.epoch && at.step <= next.step + self.depth;
+        let (mut at, mut n) = (sent_until, 0);
+        while sendable(at) {
+            at = at.next(steps_per_epoch);
+            n += 1;
+        }
+        let reaches_a_boundary = at.epoch != next.epoch || at >= end;
+        if n < self.burst && !idle && !reaches_a_boundary {
+            return 0;
+        }
+        n
+    }
+}
 /// Most steps whose work is out at once (what the memory check counts gradients for).
 pub const STEPS_IN_FLIGHT: u64 = PIPELINE_DEPTH + 1;
 /// How long the state after an epoch may take to arrive from the workers (collective modes).
@@ -544,9 +586,10 @@ impl Engine {
         self.perm.1.clone()
     }
 
-    /// Keeps up to [`PIPELINE_DEPTH`] steps' work out ahead of the oldest unfinished step,
-    /// within its epoch. Collective modes hold back while members wait to join (they enter at
-    /// a step boundary, by a regroup, once the work out is finished).
+    /// Keeps up to [`PIPELINE_DEPTH`] steps' work out ahead of the oldest unfinished step
+    /// ([`COLLECTIVE_DEPTH`] in collective modes, sent in bursts: see [`steps_to_send`]), within
+    /// its epoch. Collective modes hold back while members wait to join (they enter at a step
+    /// boundary, by a regroup, once the work out is finished).
     fn fill(&mut self) -> Result<(), JobError> {
         if self.collective && !self.waiting.is_empty() {
             if self.inflight.is_empty() && self.regroup.needed.is_none() {
@@ -554,11 +597,28 @@ impl Engine {
             }
             return Ok(());
         }
-        while self.sent_until < self.plan.end()
-            && self.sent_until.epoch == self.next.epoch
-            && self.sent_until.step <= self.next.step + PIPELINE_DEPTH
-            && !self.links.is_empty()
-        {
+        if self.links.is_empty() {
+            return Ok(());
+        }
+        let window = if self.collective {
+            Window {
+                depth: COLLECTIVE_DEPTH,
+                burst: BURST,
+            }
+        } else {
+            Window {
+                depth: PIPELINE_DEPTH,
+                burst: 1,
+            }
+        };
+        let n = window.steps_to_send(
+            self.sent_until,
+            self.next,
+            self.plan.end(),
+            self.plan.steps,
+            self.inflight.is_empty(),
+        );
+        for _ in 0..n {
             self.send_step(self.sent_until);
             self.sent_until = self.sent_until.next(self.plan.steps);
         }

@@ -18,7 +18,7 @@ use lockstep_common::protocol::{
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::{Engine, Start};
+use super::{Engine, Start, Window};
 use crate::error::{JobError, Stopped};
 use crate::membership::{Joining, MemberId, Membership};
 use crate::observe::{MemberEvent, Observer, Observers, StepRecord};
@@ -795,4 +795,36 @@ async fn a_state_upload_nobody_asked_for_is_ignored() {
     );
     let summary = job.result().await.0.unwrap();
     assert_eq!(summary.params_sha256, codec::digest(&[&honest.params]));
+}
+
+#[test]
+fn collective_work_goes_out_in_bursts_within_the_window_and_the_epoch() {
+    let w = Window {
+        depth: 16,
+        burst: 8,
+    };
+    let at = |step| StepId::new(0, step);
+    let end = StepId::new(3, 0);
+    // Nothing out: the whole window at once, steps 0..=16.
+    assert_eq!(w.steps_to_send(at(0), at(0), end, 100, true), 17);
+    // Steps 0..=16 out, step 0 finished: one free slot, held back.
+    assert_eq!(w.steps_to_send(at(17), at(1), end, 100, false), 0);
+    assert_eq!(w.steps_to_send(at(17), at(7), end, 100, false), 0);
+    // Eight free: a burst.
+    assert_eq!(w.steps_to_send(at(17), at(8), end, 100, false), 8);
+    // The rest of the epoch fits in what is free: sent even if less than a burst.
+    assert_eq!(w.steps_to_send(at(97), at(85), end, 100, false), 3);
+    // Never past the epoch or the job's end.
+    assert_eq!(
+        w.steps_to_send(StepId::new(1, 0), at(99), end, 100, false),
+        0
+    );
+    assert_eq!(
+        w.steps_to_send(StepId::new(2, 98), StepId::new(2, 90), end, 100, false),
+        2
+    );
+    // grpc's window: one step at a time, two ahead.
+    let grpc = Window { depth: 2, burst: 1 };
+    assert_eq!(grpc.steps_to_send(at(3), at(1), end, 100, false), 1);
+    assert_eq!(grpc.steps_to_send(at(4), at(1), end, 100, false), 0);
 }
