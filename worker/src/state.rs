@@ -20,7 +20,8 @@ use lockstep_common::protocol::StepId;
 pub enum Averaged {
     /// Little-endian f32 bytes (the grpc coordinator's message).
     Bytes(Bytes),
-    /// Host values (tcp). Shared with the collective that made them, which reuses the buffer
+    /// Host values (tcp), all finite (the collective checks them, as the reducer that
+    /// summed them did). Shared with the collective that made them, which reuses the buffer
     /// for the next step once the optimizer has let go of it.
     Host(Arc<Vec<f32>>),
     /// A flat tensor on the device (nccl).
@@ -86,7 +87,7 @@ impl ModelState for HostState {
                 self.optimizer.step_le_bytes(&mut self.params, &bytes);
             }
             Averaged::Host(avg) => {
-                codec::check_finite(&avg).context("the average gradient")?;
+                // Finite already: the collective that made it refuses anything else.
                 anyhow::ensure!(
                     avg.len() == self.params.len(),
                     "the average gradient has {} values, the model {}",

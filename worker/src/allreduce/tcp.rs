@@ -586,11 +586,10 @@ impl TcpCollective {
             let frame = &mut self.frames[0];
             read_frame(peer, id, self.len, Holds::Average, frame, timeout)
                 .context("receiving the average from rank 0")?;
-            codec::le_f32s_into(
-                &frame.payload,
-                Arc::make_mut(&mut self.average).as_mut_slice(),
-            )
-            .map_err(|e| anyhow!("rank 0 sent a malformed average: {e}"))?;
+            let average = Arc::make_mut(&mut self.average).as_mut_slice();
+            codec::le_f32s_into(&frame.payload, average)
+                .and_then(|()| codec::check_finite(average))
+                .map_err(|e| anyhow!("rank 0 sent a malformed average: {e}"))?;
             return Ok(&self.average);
         }
         for (i, peer) in self.peers.iter_mut().enumerate() {
@@ -1336,6 +1335,42 @@ mod tests {
     }
 
     const MODES: [(bool, bool); 4] = [(false, false), (true, false), (false, true), (true, true)];
+
+    #[test]
+    fn a_non_finite_average_from_rank_0_is_refused_before_the_optimizer_sees_it() {
+        let abort = AbortSignal::default();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let rendezvous = Rendezvous {
+            addr: listener.local_addr().unwrap(),
+            secret: Token::generate(),
+            membership: 3,
+            tls: None,
+        };
+        let id = StepId::new(0, 0);
+        // A rank 0 that speaks the protocol, offers no shared memory, and answers NaN.
+        let rank0 = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_handshake(&mut stream).unwrap();
+            write_reply(&mut stream, "").unwrap();
+            write_reply(&mut stream, "").unwrap();
+            read_reply(&mut stream).unwrap();
+            write_reply(&mut stream, "no offer").unwrap();
+            let mut frame = Frame::default();
+            read_frame(&mut stream, id, 4, Holds::Shards(2), &mut frame, T).unwrap();
+            let poisoned = bytes(&[1.0, f32::NAN, 2.0, 3.0]);
+            write_reply_frame(&mut stream, id, &poisoned, T).unwrap();
+            stream
+        });
+        let mut one = TcpCollective::connect(&rendezvous, 1, 2, 4, T, &abort).unwrap();
+        one.share_memory(2, true).unwrap();
+        assert!(!one.shares_memory());
+        let err = format!(
+            "{:#}",
+            one.average(id, 2, 2, &[(1, bytes(&[1.0; 4]))]).unwrap_err()
+        );
+        assert!(err.contains("rank 0 sent a malformed average"), "{err}");
+        drop(rank0.join().unwrap());
+    }
 
     #[test]
     fn a_rank_that_goes_away_fails_the_step_instead_of_hanging() {
