@@ -39,8 +39,10 @@ use crate::allreduce::{
 use crate::state::{Averaged, ModelState};
 use crate::stream::{Outbox, StepChannels};
 
-/// Collective modes: `StepDone` reports sent together (see `Loop::held`).
+/// Collective modes: `StepDone` reports sent together (see `Loop::held`), unless the first of
+/// them has waited this long (slow steps report one by one, as before).
 const REPORT_BURST: usize = 8;
+const REPORT_WITHIN: Duration = Duration::from_millis(20);
 
 /// How long the ranks of a new membership wait for each other.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -181,10 +183,13 @@ struct Loop {
     steps_since_read: u64,
     /// Collective modes: `StepDone` reports not sent yet. They go out [`REPORT_BURST`] at a
     /// time (each message wakes the stream task here and the coordinator's there, which on a
-    /// small model costs the cores more than the step's bookkeeping), at once after a step that
-    /// ends an epoch, is due a digest or uploads the state, and before anything else is sent
-    /// or the loop waits for the coordinator.
+    /// small model costs the cores more than the step's bookkeeping), or once the first has
+    /// waited [`REPORT_WITHIN`]; at once after a step that ends an epoch, is due a digest or
+    /// uploads the state, and before anything else is sent or the loop waits for the
+    /// coordinator.
     held: Vec<FromWorker>,
+    /// When the first held report was made.
+    held_since: Option<Instant>,
     scratch: Vec<f32>,
     times: StepTimes,
     /// The last applied step's all-reduce wait and apply time, in ms, for the reports.
@@ -218,6 +223,7 @@ impl Loop {
             lazy: None,
             steps_since_read: 0,
             held: Vec::new(),
+            held_since: None,
             scratch: Vec::new(),
             times: StepTimes::default(),
             previous: (0.0, 0.0),
@@ -508,10 +514,18 @@ impl Loop {
                 apply_ms: self.previous.1,
             });
             self.held.push(done);
+            self.held_since.get_or_insert_with(Instant::now);
         }
         let digest_due =
             schedule::digest_due(step.step, self.config.cluster.digest_every, last_of_epoch);
-        if (self.held.len() >= REPORT_BURST || last_of_epoch || digest_due || pending.push_state)
+        let held_long = self
+            .held_since
+            .is_some_and(|t| t.elapsed() >= REPORT_WITHIN);
+        if (self.held.len() >= REPORT_BURST
+            || held_long
+            || last_of_epoch
+            || digest_due
+            || pending.push_state)
             && !self.flush_reports()
         {
             bail!("the step stream closed after {step}");
@@ -529,6 +543,7 @@ impl Loop {
 
     /// Sends the held reports; false when the stream has closed.
     fn flush_reports(&mut self) -> bool {
+        self.held_since = None;
         self.held.drain(..).all(|m| self.out.send(m))
     }
 
