@@ -689,6 +689,10 @@ mod tests {
     }
 
     fn harness_with(collective: bool, lr: f64) -> Harness {
+        harness_full(collective, lr, 3)
+    }
+
+    fn harness_full(collective: bool, lr: f64, steps_per_epoch: u64) -> Harness {
         let mut config = JobConfig::preset("softmax").unwrap();
         config.optimizer.lr = lr;
         let network = Network::new(&config.model);
@@ -715,7 +719,7 @@ mod tests {
             state: Box::new(HostState::new(config.optimizer.clone(), n)),
             config,
             network,
-            steps_per_epoch: 3,
+            steps_per_epoch,
             device: Device::Cpu,
             channels: StepChannels {
                 inbox,
@@ -830,6 +834,29 @@ mod tests {
         }
         drop(h.inbox);
         assert_eq!(h.thread.join().unwrap().unwrap(), 1);
+    }
+
+    #[test]
+    fn held_step_reports_all_go_out_in_order_when_the_work_runs_out_mid_epoch() {
+        // 11 steps of a 100-step epoch: more than a burst, not a multiple of it, no epoch end.
+        let mut h = harness_full(true, 0.1, 100);
+        h.inbox.send(configure(1, true)).unwrap();
+        assert!(matches!(next(&mut h), FromWorker::Rendezvous { .. }));
+        for step in 0..11 {
+            let FromCoordinator::Work(mut w) = work(step, 1, vec![shard(0), shard(1)]) else {
+                unreachable!()
+            };
+            w.last_of_epoch = false;
+            h.inbox.send(FromCoordinator::Work(w)).unwrap();
+        }
+        for step in 0..11 {
+            let FromWorker::StepDone(done) = next(&mut h) else {
+                panic!("a StepDone for step {step}")
+            };
+            assert_eq!(done.id.id, StepId::new(0, step));
+        }
+        drop(h.inbox);
+        assert_eq!(h.thread.join().unwrap().unwrap(), 11);
     }
 
     #[test]
