@@ -26,6 +26,9 @@ pub enum Averaged {
     Host(Arc<Vec<f32>>),
     /// A flat tensor on the device (nccl).
     Device(Tensor),
+    /// Host values read in place from the segment that `tcp` ranks on one host share, all
+    /// finite (the ranks checked their parts).
+    Shared(crate::allreduce::shm::SharedAverage),
 }
 
 /// Parameters and optimizer state of one replica.
@@ -59,6 +62,21 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// One optimizer step with a host average that is finite already: the collective that
+    /// made it refuses anything else.
+    fn step_host(&mut self, avg: &[f32]) -> Result<()> {
+        anyhow::ensure!(
+            avg.len() == self.params.len(),
+            "the average gradient has {} values, the model {}",
+            avg.len(),
+            self.params.len()
+        );
+        self.optimizer.step(&mut self.params, avg);
+        Ok(())
+    }
+}
+
 impl ModelState for HostState {
     fn load(&mut self, state: &TrainingState, replica: &mut Replica) -> Result<()> {
         self.optimizer = Optimizer::with_state(
@@ -86,16 +104,8 @@ impl ModelState for HostState {
                 codec::check_finite_le(&bytes).context("the average gradient")?;
                 self.optimizer.step_le_bytes(&mut self.params, &bytes);
             }
-            Averaged::Host(avg) => {
-                // Finite already: the collective that made it refuses anything else.
-                anyhow::ensure!(
-                    avg.len() == self.params.len(),
-                    "the average gradient has {} values, the model {}",
-                    avg.len(),
-                    self.params.len()
-                );
-                self.optimizer.step(&mut self.params, &avg);
-            }
+            Averaged::Host(avg) => self.step_host(&avg)?,
+            Averaged::Shared(avg) => self.step_host(&avg)?,
             Averaged::Device(t) => {
                 let avg = t.to_vec1::<f32>()?;
                 self.optimizer.step(&mut self.params, &avg);
@@ -160,6 +170,7 @@ impl ModelState for DeviceState {
             Averaged::Host(v) => {
                 Tensor::from_vec(Arc::unwrap_or_clone(v), self.params.elem_count(), &device)?
             }
+            Averaged::Shared(v) => Tensor::from_slice(&v, self.params.elem_count(), &device)?,
             Averaged::Bytes(b) => codec::tensor_from_le(&b, self.params.elem_count(), &device)?,
         };
         self.optimizer.set_epoch(epoch);

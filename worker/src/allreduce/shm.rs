@@ -5,11 +5,15 @@
 //!
 //! Every rank writes its shard gradients into the shard's slot of one mapped segment, publishes
 //! a step counter, and waits for the other ranks' counters (a short spin, then a futex). Each
-//! rank then runs the coordinator's [`average_in_shard_order`] over the slots itself: the same
-//! function over the same bytes in the same order, so every rank, and a tcp or grpc job, gets
-//! the same bits. The slots are double-buffered by the counter's parity, so one barrier per step
-//! is enough: a rank writes step `n + 2`'s slots only after every rank has published `n + 1`,
-//! which each does only after it has read step `n`.
+//! rank then runs the coordinator's [`average_in_shard_order`] over its part of the values (a
+//! reduce-scatter: rank r of w sums values `len·r/w .. len·(r+1)/w` of every slot) into the
+//! segment's average, publishes a second counter with what it found wrong if anything, and waits
+//! for the other parts; the optimizer then reads the whole average in place. Each value is the
+//! same sum in the same order as over the whole buffer, so every rank, and a tcp or grpc job,
+//! gets the same bits, and every rank names the same culprit for a value that is not finite.
+//! Slots and averages are double-buffered by the counter's parity: a rank writes step `n + 2`'s
+//! only after every rank has published `n + 1`'s gradients, which each does only after it has
+//! applied step `n`.
 //!
 //! The tcp links stay open beside it: rank 0 offers the segment over them (its path and a nonce
 //! written in it, so a rank maps the file rank 0 made, on the same host), unlinks it once every
@@ -23,6 +27,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -55,6 +60,7 @@ pub struct Layout {
     record: usize,
     block: usize,
     data: usize,
+    averages: usize,
     size: usize,
 }
 
@@ -63,10 +69,11 @@ impl Layout {
     pub fn new(world: u32, shards: u32, len: usize) -> Option<Self> {
         let round = |n: usize, to: usize| n.checked_add(to - 1).map(|n| n / to * to);
         let record = round(RECORD_FIXED + 4 * shards as usize, 8)?;
-        let block = round(64 + 2 * record, BLOCK_ALIGN)?;
+        let block = round(128 + 2 * record, BLOCK_ALIGN)?;
         let data = round(HEADER + block.checked_mul(world as usize)?, 4096)?;
         let slots = 2usize.checked_mul(shards as usize)?.checked_mul(len)?;
-        let size = data.checked_add(slots.checked_mul(4)?)?;
+        let averages = data.checked_add(slots.checked_mul(4)?)?;
+        let size = averages.checked_add(len.checked_mul(8)?)?;
         Some(Self {
             world,
             shards,
@@ -74,6 +81,7 @@ impl Layout {
             record,
             block,
             data,
+            averages,
             size,
         })
     }
@@ -87,8 +95,28 @@ impl Layout {
         HEADER + rank as usize * self.block
     }
 
+    /// The counter of a rank's part of the average, on the next cache line; its statuses
+    /// follow it.
+    fn reduced(&self, rank: u32) -> usize {
+        self.counter(rank) + 64
+    }
+
+    fn status(&self, rank: u32, parity: usize) -> usize {
+        self.reduced(rank) + 8 + parity * 16
+    }
+
     fn record_at(&self, rank: u32, parity: usize) -> usize {
-        self.counter(rank) + 64 + parity * self.record
+        self.counter(rank) + 128 + parity * self.record
+    }
+
+    fn average(&self, parity: usize) -> usize {
+        self.averages + parity * self.len * 4
+    }
+
+    /// The values of the average rank `rank` sums.
+    pub fn part(&self, rank: u32) -> std::ops::Range<usize> {
+        let (r, w) = (rank as usize, self.world.max(1) as usize);
+        self.len * r / w..self.len * (r + 1) / w
     }
 
     fn slot(&self, parity: usize, shard: u32) -> usize {
@@ -96,18 +124,53 @@ impl Layout {
     }
 }
 
+/// A shared mapping, unmapped when the last holder lets go of it: the segment, or an average
+/// handed to the optimizer.
+struct Mapping {
+    base: *mut u8,
+    size: usize,
+}
+
+// Plain memory; which rank writes which bytes when is the protocol above.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if !self.base.is_null() {
+            sys::unmap(self.base, self.size);
+        }
+    }
+}
+
+/// A step's average in the segment, as the optimizer reads it. Valid until the same parity
+/// comes round again two steps later, which no rank reaches before every rank has applied it.
+pub struct SharedAverage {
+    map: Arc<Mapping>,
+    at: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for SharedAverage {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        assert!(self.at + self.len * 4 <= self.map.size && self.at.is_multiple_of(4));
+        // SAFETY: in bounds and aligned (page-aligned mapping, offsets multiples of 4); every
+        // rank finished writing it before the second barrier.
+        unsafe { std::slice::from_raw_parts(self.map.base.add(self.at).cast(), self.len) }
+    }
+}
+
 /// One rank's mapping of a segment.
 pub struct Segment {
-    base: *mut u8,
+    map: Arc<Mapping>,
     layout: Layout,
     /// Rank 0 until it unlinks the file.
     path: Option<PathBuf>,
     /// The step counter this rank last published.
     published: u32,
 }
-
-// The mapping is plain memory; which rank writes which bytes when is the protocol above.
-unsafe impl Send for Segment {}
 
 /// What rank 0 tells the other ranks: the segment's path and the nonce written in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,14 +223,20 @@ impl Segment {
         let file = sys::create(&path).with_context(|| format!("creating {}", path.display()))?;
         // From here on the file is removed again on any failure (the segment's drop).
         let mut segment = Self {
-            base: std::ptr::null_mut(),
+            map: Arc::new(Mapping {
+                base: std::ptr::null_mut(),
+                size: layout.size,
+            }),
             layout,
             path: Some(path.clone()),
             published: 0,
         };
         sys::reserve(&file, layout.size)
             .with_context(|| format!("reserving {} MiB in {DIR}", layout.size.div_ceil(1 << 20)))?;
-        segment.base = sys::map(&file, layout.size)?;
+        segment.map = Arc::new(Mapping {
+            base: sys::map(&file, layout.size)?,
+            size: layout.size,
+        });
         let header = segment.bytes_mut(0, HEADER);
         header[..8].copy_from_slice(MAGIC);
         header[8..24].copy_from_slice(&nonce);
@@ -194,7 +263,10 @@ impl Segment {
             );
         }
         let segment = Self {
-            base: sys::map(&file, layout.size)?,
+            map: Arc::new(Mapping {
+                base: sys::map(&file, layout.size)?,
+                size: layout.size,
+            }),
             layout,
             path: None,
             published: 0,
@@ -233,7 +305,7 @@ impl Segment {
     fn bytes(&self, at: usize, len: usize) -> &[u8] {
         assert!(at + len <= self.layout.size, "inside the segment");
         // SAFETY: in bounds of the live mapping; the protocol keeps writers away.
-        unsafe { std::slice::from_raw_parts(self.base.add(at), len) }
+        unsafe { std::slice::from_raw_parts(self.map.base.add(at), len) }
     }
 
     #[allow(clippy::mut_from_ref)]
@@ -241,15 +313,22 @@ impl Segment {
         assert!(at + len <= self.layout.size, "inside the segment");
         // SAFETY: in bounds of the live mapping; the protocol gives these bytes to this rank
         // alone until it publishes them.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(at), len) }
+        unsafe { std::slice::from_raw_parts_mut(self.map.base.add(at), len) }
     }
 
     fn counter(&self, rank: u32) -> &AtomicU32 {
-        let at = self.layout.counter(rank);
+        self.word(self.layout.counter(rank))
+    }
+
+    fn reduced(&self, rank: u32) -> &AtomicU32 {
+        self.word(self.layout.reduced(rank))
+    }
+
+    fn word(&self, at: usize) -> &AtomicU32 {
         assert!(at + 4 <= self.layout.size);
         // SAFETY: aligned (block starts are multiples of 128 in a page-aligned mapping) and in
         // bounds; every access to the counters is atomic.
-        unsafe { &*(self.base.add(at) as *const AtomicU32) }
+        unsafe { &*(self.map.base.add(at) as *const AtomicU32) }
     }
 
     /// The counter of the next step to publish: its parity names the slots to write.
@@ -331,43 +410,109 @@ impl Segment {
         rank: u32,
         counter: u32,
         deadline: Instant,
-        mut check: impl FnMut() -> Result<()>,
+        check: impl FnMut() -> Result<()>,
     ) -> Result<bool> {
-        let word = self.counter(rank);
-        // Reached when the counter is at `counter` or past it (it wraps).
-        let reached = |v: u32| v.wrapping_sub(counter) as i32 >= 0;
-        let spin_until = Instant::now() + SPIN;
-        loop {
-            if reached(word.load(Ordering::Acquire)) {
-                return Ok(true);
-            }
-            if Instant::now() >= spin_until {
-                break;
-            }
-            for _ in 0..32 {
-                std::hint::spin_loop();
-            }
+        wait_on(self.counter(rank), counter, deadline, check)
+    }
+
+    /// This rank's part of the average of the step counted `counter`, to sum into.
+    #[allow(clippy::mut_from_ref)]
+    pub fn part_mut(&self, rank: u32, counter: u32) -> &mut [f32] {
+        let part = self.layout.part(rank);
+        let at = self.layout.average(parity(counter)) + part.start * 4;
+        let bytes = self.bytes_mut(at, part.len() * 4);
+        // SAFETY: 4-aligned (see `SharedAverage`), and these values are this rank's alone
+        // until it publishes them.
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), part.len()) }
+    }
+
+    /// Publishes this rank's part of the average of the step counted `counter`, with what was
+    /// wrong with it if anything (the shard and the value that are not finite).
+    pub fn publish_part(&mut self, rank: u32, counter: u32, status: Option<(u32, u64)>) {
+        let at = self.layout.status(rank, parity(counter));
+        let record = self.bytes_mut(at, 16);
+        let (flag, part, index) = status.map_or((0u32, 0u32, 0u64), |(p, i)| (1, p, i));
+        record[..4].copy_from_slice(&flag.to_le_bytes());
+        record[4..8].copy_from_slice(&part.to_le_bytes());
+        record[8..16].copy_from_slice(&index.to_le_bytes());
+        let word = self.reduced(rank);
+        word.store(counter, Ordering::Release);
+        sys::wake(word);
+    }
+
+    /// Waits for rank `rank`'s part of the average of the step counted `counter`, as
+    /// [`Segment::wait_for`] does for its gradients.
+    pub fn wait_for_part(
+        &self,
+        rank: u32,
+        counter: u32,
+        deadline: Instant,
+        check: impl FnMut() -> Result<()>,
+    ) -> Result<bool> {
+        wait_on(self.reduced(rank), counter, deadline, check)
+    }
+
+    /// What rank `rank` found wrong with its part of the step counted `counter`, once
+    /// published: the shard and the index of a value that is not finite.
+    pub fn part_status(&self, rank: u32, counter: u32) -> Option<(u32, u64)> {
+        let at = self.layout.status(rank, parity(counter));
+        let record = self.bytes(at, 16);
+        let flag = u32::from_le_bytes(record[..4].try_into().expect("4 bytes"));
+        (flag != 0).then(|| {
+            (
+                u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")),
+                u64::from_le_bytes(record[8..16].try_into().expect("8 bytes")),
+            )
+        })
+    }
+
+    /// The whole average of the step counted `counter`, once every part is published.
+    pub fn average(&self, counter: u32) -> SharedAverage {
+        SharedAverage {
+            map: self.map.clone(),
+            at: self.layout.average(parity(counter)),
+            len: self.layout.len,
         }
-        loop {
-            let seen = word.load(Ordering::Acquire);
-            if reached(seen) {
-                return Ok(true);
-            }
-            check()?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(false);
-            }
-            sys::wait(word, seen, left.min(NAP));
+    }
+}
+
+/// Waits until `word` reaches `counter` (or passes it: it wraps); see [`Segment::wait_for`].
+fn wait_on(
+    word: &AtomicU32,
+    counter: u32,
+    deadline: Instant,
+    mut check: impl FnMut() -> Result<()>,
+) -> Result<bool> {
+    // Reached when the counter is at `counter` or past it (it wraps).
+    let reached = |v: u32| v.wrapping_sub(counter) as i32 >= 0;
+    let spin_until = Instant::now() + SPIN;
+    loop {
+        if reached(word.load(Ordering::Acquire)) {
+            return Ok(true);
         }
+        if Instant::now() >= spin_until {
+            break;
+        }
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+    }
+    loop {
+        let seen = word.load(Ordering::Acquire);
+        if reached(seen) {
+            return Ok(true);
+        }
+        check()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        sys::wait(word, seen, left.min(NAP));
     }
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        if !self.base.is_null() {
-            sys::unmap(self.base, self.layout.size);
-        }
         self.unlink();
     }
 }

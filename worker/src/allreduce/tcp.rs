@@ -42,7 +42,7 @@ use lockstep_common::protocol::{printable, StepId, MAX_SHARDS};
 use lockstep_common::reduce::{average_in_shard_order, Malformed};
 
 use super::link::{self, HostTls, Link};
-use super::shm::{self, Layout, Offer, Segment};
+use super::shm::{self, Layout, Offer, Segment, SharedAverage};
 use super::{AllReduce, Bootstrap, Diverged, Former, ShardResult, StepWork};
 use crate::abort::{AbortSignal, Interrupted};
 use crate::state::Averaged;
@@ -472,8 +472,9 @@ impl TcpCollective {
     }
 
     /// The shared-memory all-reduce of step `id`: this rank's shards (`write` puts one into
-    /// its slot) are published, every other rank's awaited, and the average computed here from
-    /// the slots, in shard order.
+    /// its slot) are published and every other rank's awaited; then each rank sums its part of
+    /// the values, in shard order, into the segment's average, and awaits the other parts.
+    /// Returns the average, read in place.
     fn average_shared<T>(
         &mut self,
         id: StepId,
@@ -481,13 +482,12 @@ impl TcpCollective {
         global: u32,
         own: &[(u32, T)],
         write: impl Fn(&T, &mut [u8]) -> Result<()>,
-    ) -> Result<&[f32]> {
+    ) -> Result<SharedAverage> {
         let Self {
             rank,
             world,
             peers,
             step_timeout,
-            average,
             shm,
             abort,
             ..
@@ -505,16 +505,17 @@ impl TcpCollective {
         }
         segment.publish(*rank, counter, id.epoch, id.step, &held)?;
         let deadline = Instant::now() + *step_timeout;
+        // The same words as over the links.
+        let mut check = || {
+            abort.check()?;
+            if peers.iter().any(|p| shm::peer_gone(p.socket())) {
+                bail!("the other rank closed the connection");
+            }
+            Ok(())
+        };
         for other in (0..*world).filter(|r| r != rank) {
-            // The same words as over the links.
             let published = segment
-                .wait_for(other, counter, deadline, || {
-                    abort.check()?;
-                    if peers.iter().any(|p| shm::peer_gone(p.socket())) {
-                        bail!("the other rank closed the connection");
-                    }
-                    Ok(())
-                })
+                .wait_for(other, counter, deadline, &mut check)
                 .with_context(|| format!("receiving rank {other}'s shard gradients"))?;
             if !published {
                 bail!(
@@ -536,11 +537,46 @@ impl TcpCollective {
             }
         }
         check_complete(&owners, id)?;
-        let data: Vec<&[u8]> = (0..shard_count).map(|s| segment.slot(counter, s)).collect();
-        // The optimizer has dropped the last step's average by now: no copy.
-        average_in_shard_order(&data, global, Arc::make_mut(average).as_mut_slice())
-            .map_err(|bad| reduce_error(bad, &owners, id))?;
-        Ok(average.as_slice())
+        // This rank's part: the same sum per value as over the whole, so the same bits.
+        let part = segment.layout().part(*rank);
+        let bytes = part.start * 4..part.end * 4;
+        let data: Vec<&[u8]> = (0..shard_count)
+            .map(|s| &segment.slot(counter, s)[bytes.clone()])
+            .collect();
+        let status = average_in_shard_order(&data, global, segment.part_mut(*rank, counter))
+            .err()
+            .map(|bad| {
+                let index = match bad.error {
+                    CodecError::NonFinite(i) => i as u64,
+                    _ => 0,
+                };
+                (bad.part as u32, index)
+            });
+        segment.publish_part(*rank, counter, status);
+        for other in (0..*world).filter(|r| r != rank) {
+            let published = segment
+                .wait_for_part(other, counter, deadline, &mut check)
+                .with_context(|| format!("receiving rank {other}'s part of the average"))?;
+            if !published {
+                bail!(
+                    "receiving rank {other}'s part of the average: the other rank sent nothing for {:.1}s",
+                    step_timeout.as_secs_f64()
+                );
+            }
+        }
+        // Every rank names the same culprit, the one the whole sum names: the first shard with a
+        // value that is not finite anywhere, else (an overflow) the last shard.
+        let culprit = (0..*world)
+            .filter_map(|r| segment.part_status(r, counter))
+            .min_by_key(|(part, _)| *part);
+        if let Some((part, index)) = culprit {
+            let bad = Malformed {
+                part: part as usize,
+                error: CodecError::NonFinite(index as usize),
+            };
+            return Err(reduce_error(bad, &owners, id));
+        }
+        Ok(segment.average(counter))
     }
 
     /// How long to wait for another rank's frame before failing.
@@ -566,7 +602,7 @@ impl TcpCollective {
     ) -> Result<&[f32]> {
         if self.shm.is_some() {
             let len = self.len;
-            return self.average_shared(id, shard_count, global, own, |bytes, slot| {
+            let shared = self.average_shared(id, shard_count, global, own, |bytes, slot| {
                 if bytes.len() != len * 4 {
                     bail!(
                         "a shard gradient of {} bytes, {} expected",
@@ -576,7 +612,10 @@ impl TcpCollective {
                 }
                 slot.copy_from_slice(bytes);
                 Ok(())
-            });
+            })?;
+            let average = Arc::make_mut(&mut self.average);
+            average.copy_from_slice(&shared);
+            return Ok(average.as_slice());
         }
         if self.rank != 0 {
             let peer = &mut self.peers[0];
@@ -653,14 +692,14 @@ impl AllReduce for TcpCollective {
         if self.shm.is_some() {
             // Straight from the gradients' tensors into the slots: no copy of their own.
             let own: Vec<(u32, &ShardResult)> = shards.iter().map(|s| (s.index, s)).collect();
-            self.average_shared(
+            let shared = self.average_shared(
                 step.id.id,
                 step.shard_count,
                 step.global_count,
                 &own,
                 |s, slot| Ok(s.gradient.write_le_into(slot)?),
             )?;
-            return Ok(Some(Averaged::Host(Arc::clone(&self.average))));
+            return Ok(Some(Averaged::Shared(shared)));
         }
         let own = shards
             .iter()
@@ -1076,6 +1115,31 @@ mod tests {
                 err.contains("shard 0 of epoch 1 step 6 came from rank 0 and again from rank 1"),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn ranks_summing_parts_name_the_shard_the_whole_sum_names() {
+        // Shard 0 is poisoned in rank 1's part of the values, shard 1 in rank 0's: the whole
+        // sum names shard 0 (the first with a bad value anywhere), and so must every rank.
+        let shard = |s: u32| -> Vec<f32> {
+            let mut v = vec![1.0; 4];
+            v[if s == 0 { 3 } else { 0 }] = f32::NAN;
+            v
+        };
+        for shm in [false, true] {
+            let results = average_with(false, shm, 2, 2, 2, |r| vec![(r, shard(r))]);
+            for (rank, r) in results.iter().enumerate() {
+                let err = format!("{:#}", r.as_ref().unwrap_err());
+                if shm || rank == 0 {
+                    assert!(
+                        err.contains(
+                            "shard 0 of epoch 1 step 6 from rank 0 holds a non-finite value"
+                        ),
+                        "shm {shm}, rank {rank}: {err}"
+                    );
+                }
+            }
         }
     }
 
