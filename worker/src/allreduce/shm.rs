@@ -162,6 +162,24 @@ impl std::ops::Deref for SharedAverage {
     }
 }
 
+/// What a rank publishes in a step, and the others wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Barrier {
+    /// Its shard gradients, in their slots.
+    Gradients,
+    /// Its part of the average.
+    Part,
+}
+
+impl std::fmt::Display for Barrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Barrier::Gradients => "shard gradients",
+            Barrier::Part => "part of the average",
+        })
+    }
+}
+
 /// One rank's mapping of a segment.
 pub struct Segment {
     map: Arc<Mapping>,
@@ -402,17 +420,22 @@ impl Segment {
         (u64_at(0), u64_at(8), shards)
     }
 
-    /// Waits until rank `rank` has published the step counted `counter` (or a later one):
-    /// `Ok(true)`, or `Ok(false)` at `deadline`. `check` runs between naps: it fails when the
-    /// wait must end (the peer is gone, the coordinator interrupted).
+    /// Waits until rank `rank` has published `what` of the step counted `counter` (or of a
+    /// later one): `Ok(true)`, or `Ok(false)` at `deadline`. `check` runs between naps: it
+    /// fails when the wait must end (the peer is gone, the coordinator interrupted).
     pub fn wait_for(
         &self,
+        what: Barrier,
         rank: u32,
         counter: u32,
         deadline: Instant,
         check: impl FnMut() -> Result<()>,
     ) -> Result<bool> {
-        wait_on(self.counter(rank), counter, deadline, check)
+        let word = match what {
+            Barrier::Gradients => self.counter(rank),
+            Barrier::Part => self.reduced(rank),
+        };
+        wait_on(word, counter, deadline, check)
     }
 
     /// This rank's part of the average of the step counted `counter`, to sum into.
@@ -438,18 +461,6 @@ impl Segment {
         let word = self.reduced(rank);
         word.store(counter, Ordering::Release);
         sys::wake(word);
-    }
-
-    /// Waits for rank `rank`'s part of the average of the step counted `counter`, as
-    /// [`Segment::wait_for`] does for its gradients.
-    pub fn wait_for_part(
-        &self,
-        rank: u32,
-        counter: u32,
-        deadline: Instant,
-        check: impl FnMut() -> Result<()>,
-    ) -> Result<bool> {
-        wait_on(self.reduced(rank), counter, deadline, check)
     }
 
     /// What rank `rank` found wrong with its part of the step counted `counter`, once

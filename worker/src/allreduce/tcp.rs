@@ -42,7 +42,7 @@ use lockstep_common::protocol::{printable, StepId, MAX_SHARDS};
 use lockstep_common::reduce::{average_in_shard_order, Malformed};
 
 use super::link::{self, HostTls, Link};
-use super::shm::{self, Layout, Offer, Segment, SharedAverage};
+use super::shm::{self, Barrier, Layout, Offer, Segment, SharedAverage};
 use super::{AllReduce, Bootstrap, Diverged, Former, ShardResult, StepWork};
 use crate::abort::{AbortSignal, Interrupted};
 use crate::state::Averaged;
@@ -513,17 +513,21 @@ impl TcpCollective {
             }
             Ok(())
         };
-        for other in (0..*world).filter(|r| r != rank) {
-            let published = segment
-                .wait_for(other, counter, deadline, &mut check)
-                .with_context(|| format!("receiving rank {other}'s shard gradients"))?;
-            if !published {
-                bail!(
-                    "receiving rank {other}'s shard gradients: the other rank sent nothing for {:.1}s",
-                    step_timeout.as_secs_f64()
-                );
+        let mut wait_for_all = |segment: &Segment, what: Barrier| -> Result<()> {
+            for other in (0..*world).filter(|r| r != rank) {
+                let published = segment
+                    .wait_for(what, other, counter, deadline, &mut check)
+                    .with_context(|| format!("receiving rank {other}'s {what}"))?;
+                if !published {
+                    bail!(
+                        "receiving rank {other}'s {what}: the other rank sent nothing for {:.1}s",
+                        step_timeout.as_secs_f64()
+                    );
+                }
             }
-        }
+            Ok(())
+        };
+        wait_for_all(segment, Barrier::Gradients)?;
         // Every shard of the step, by index, with the rank that published it.
         let mut owners: Vec<Option<u32>> = vec![None; shard_count as usize];
         for r in 0..*world {
@@ -553,17 +557,7 @@ impl TcpCollective {
                 (bad.part as u32, index)
             });
         segment.publish_part(*rank, counter, status);
-        for other in (0..*world).filter(|r| r != rank) {
-            let published = segment
-                .wait_for_part(other, counter, deadline, &mut check)
-                .with_context(|| format!("receiving rank {other}'s part of the average"))?;
-            if !published {
-                bail!(
-                    "receiving rank {other}'s part of the average: the other rank sent nothing for {:.1}s",
-                    step_timeout.as_secs_f64()
-                );
-            }
-        }
+        wait_for_all(segment, Barrier::Part)?;
         // Every rank names the same culprit, the one the whole sum names: the first shard with a
         // value that is not finite anywhere, else (an overflow) the last shard.
         let culprit = (0..*world)
