@@ -4,11 +4,11 @@
 //! the coordinator's included, stays bit-identical under SGD and Adam alike. GPU workers keep it
 //! on the device and run the same update as tensor kernels ([`DeviceState`]).
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use candle_core::Tensor;
-use std::sync::Arc;
-
 use lockstep_common::checkpoint::{Position, TrainingState};
 use lockstep_common::codec;
 use lockstep_common::config::OptimizerConfig;
@@ -60,9 +60,7 @@ impl HostState {
             optimizer: Optimizer::new(config, len),
         }
     }
-}
 
-impl HostState {
     /// One optimizer step with a host average that is finite already: the collective that
     /// made it refuses anything else.
     fn step_host(&mut self, avg: &[f32]) -> Result<()> {
