@@ -587,9 +587,10 @@ impl Engine {
     }
 
     /// Keeps up to [`PIPELINE_DEPTH`] steps' work out ahead of the oldest unfinished step
-    /// ([`COLLECTIVE_DEPTH`] in collective modes, sent in bursts: see [`Window::steps_to_send`]), within
-    /// its epoch. Collective modes hold back while members wait to join (they enter at a step
-    /// boundary, by a regroup, once the work out is finished).
+    /// ([`COLLECTIVE_DEPTH`] in collective modes, sent in bursts: see
+    /// [`Window::steps_to_send`]), within its epoch. Collective modes hold back while members
+    /// wait to join (they enter at a step boundary, by a regroup, once the work out is
+    /// finished).
     fn fill(&mut self) -> Result<(), JobError> {
         if self.collective && !self.waiting.is_empty() {
             if self.inflight.is_empty() && self.regroup.needed.is_none() {
