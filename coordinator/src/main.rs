@@ -134,6 +134,7 @@ struct TrainArgs {
 
 fn main() -> ExitCode {
     lockstep_common::tune_allocator();
+    lockstep_common::settle_thread_count();
     let cli = Cli::parse();
     let out = logging::init(&cli.log);
     match run(cli) {

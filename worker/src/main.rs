@@ -86,6 +86,7 @@ fn main() -> ExitCode {
         // candle's CPU kernels read the thread count from here; set before any thread starts.
         std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
     }
+    lockstep_common::settle_thread_count();
     let out = logging::init(&args.log);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
