@@ -35,11 +35,12 @@ const CHUNK: usize = 64;
 /// What the backward pass needs from the forward pass.
 struct Activations {
     /// conv1's im2col of the input, `[n * 26 * 26, 9]`.
-    cols1: Tensor,
+    cols1: Vec<f32>,
     /// conv1's output after relu, `[n, 26, 26, 32]`.
     h1: Vec<f32>,
-    /// conv2's im2col of `h1`, `[n * 24 * 24, 288]`, columns in `(kh, kw, c)` order.
-    cols2: Tensor,
+    /// conv2's im2col of `h1`, one `[24 * 24, 288]` per sample, columns in `(kh, kw, c)`
+    /// order.
+    cols2: Vec<Tensor>,
     /// For each pooled value (NCHW order), its index in conv2's `[n * 24 * 24, 64]` output,
     /// or [`NO_GRADIENT`].
     argmax: Vec<u32>,
@@ -56,13 +57,13 @@ struct Activations {
 /// chunk's figures are its own, so the result does not depend on the threads either.
 pub fn logits(cnn: &Cnn, x: &Tensor) -> Result<Tensor> {
     let n = x.dim(0)?;
-    let w2 = conv2_weight_khwc(cnn.conv2.weight())?;
+    let w = Weights::of(cnn)?;
     let starts: Vec<usize> = (0..n.max(1)).step_by(CHUNK).collect();
     let chunks = starts
         .par_iter()
         .map(|&start| {
             let len = CHUNK.min(n - start);
-            Ok(forward(cnn, &w2, &x.narrow(0, start, len)?)?.logits)
+            Ok(forward(cnn, &w, &x.narrow(0, start, len)?, false)?.logits)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&chunks, 0)
@@ -73,13 +74,13 @@ pub fn logits(cnn: &Cnn, x: &Tensor) -> Result<Tensor> {
 /// chunk by chunk and the gradients added in chunk order.
 pub fn gradient(cnn: &Cnn, x: &Tensor, y: &Tensor) -> Result<(Gradients, Tensor, Tensor)> {
     let n = x.dim(0)?;
-    let w2 = conv2_weight_khwc(cnn.conv2.weight())?;
+    let w = Weights::of(cnn)?;
     let mut total: Option<(Vec<Tensor>, Vec<Tensor>, Tensor)> = None;
     for start in (0..n.max(1)).step_by(CHUNK) {
         let len = CHUNK.min(n - start);
         let (parts, logits, loss_sum) = chunk_gradient(
             cnn,
-            &w2,
+            &w,
             &x.narrow(0, start, len)?,
             &y.narrow(0, start, len)?,
         )?;
@@ -104,15 +105,41 @@ pub fn gradient(cnn: &Cnn, x: &Tensor, y: &Tensor) -> Result<(Gradients, Tensor,
     ))
 }
 
+/// The convolutions' parameters in the forms the passes use.
+struct Weights {
+    /// conv1's weight as `[9, 32]`.
+    w1t: Tensor,
+    b1: Vec<f32>,
+    /// conv2's weight as `[64, 288]` in `(kh, kw, c)` column order (see
+    /// [`conv2_weight_khwc`]), and transposed, `[288, 64]`.
+    w2: Tensor,
+    w2t: Tensor,
+    b2: Vec<f32>,
+}
+
+impl Weights {
+    fn of(cnn: &Cnn) -> Result<Self> {
+        let w2 = conv2_weight_khwc(cnn.conv2.weight())?.contiguous()?;
+        Ok(Self {
+            w1t: cnn.conv1.weight().reshape((C1, 9))?.t()?.contiguous()?,
+            b1: cnn.conv1.bias().to_vec1::<f32>()?,
+            w2t: w2.t()?.contiguous()?,
+            w2,
+            b2: cnn.conv2.bias().to_vec1::<f32>()?,
+        })
+    }
+}
+
 /// [`gradient`] of at most [`CHUNK`] samples.
 fn chunk_gradient(
     cnn: &Cnn,
-    w2: &Tensor,
+    w: &Weights,
     x: &Tensor,
     y: &Tensor,
 ) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
     let n = x.dim(0)?;
-    let act = forward(cnn, w2, x)?;
+    let device = x.device();
+    let act = forward(cnn, w, x, true)?;
     let (loss_sum, d_logits) = summed_cross_entropy(&act.logits, y)?;
 
     // fc2 and fc1, as in a fully connected network.
@@ -134,24 +161,39 @@ fn chunk_gradient(
         }
     })?;
     let d_conv2_b = column_sums(&d_z2, C2);
-    let d_z2 = Tensor::from_vec(d_z2, (n * S2 * S2, C2), x.device())?;
-    let d_w2 = d_z2.t()?.matmul(&act.cols2)?;
-    let d_conv2_w = with_cpu_f32s(&d_w2, conv2_weight_from_khwc)?;
-    let d_cols2 = d_z2.matmul(w2)?;
 
-    // col2im into conv1's output, then relu.
+    // conv2 one sample at a time, so that its columns' gradient `[576, 288]` stays in cache
+    // for the col2im into conv1's output: the weight's gradient sums the samples in order.
     let mut d_h1 = vec![0f32; n * S1 * S1 * C1];
-    with_cpu_f32s(&d_cols2, |d_cols2| col2im(d_cols2, n, &mut d_h1))?;
+    let mut d_w2: Option<Tensor> = None;
+    for ((d_z2, cols2), d_h1) in d_z2
+        .chunks_exact(S2 * S2 * C2)
+        .zip(&act.cols2)
+        .zip(d_h1.chunks_exact_mut(S1 * S1 * C1))
+    {
+        let d_z2 = Tensor::from_slice(d_z2, (S2 * S2, C2), device)?;
+        let g = d_z2.t()?.matmul(cols2)?;
+        d_w2 = Some(match d_w2 {
+            None => g,
+            Some(sum) => (sum + g)?,
+        });
+        let d_cols2 = d_z2.matmul(&w.w2)?;
+        with_cpu_f32s(&d_cols2, |d_cols2| col2im(d_cols2, 1, d_h1))?;
+    }
+    let d_w2 = d_w2.expect("at least one sample");
+    let d_conv2_w = with_cpu_f32s(&d_w2, conv2_weight_from_khwc)?;
+
+    // relu of conv1.
     for (d, &h) in d_h1.iter_mut().zip(&act.h1) {
         if h <= 0.0 {
             *d = 0.0;
         }
     }
     let d_conv1_b = column_sums(&d_h1, C1);
-    let d_z1 = Tensor::from_vec(d_h1, (n * S1 * S1, C1), x.device())?;
-    let d_conv1_w = d_z1.t()?.matmul(&act.cols1)?;
+    let d_z1 = Tensor::from_vec(d_h1, (n * S1 * S1, C1), device)?;
+    let cols1 = Tensor::from_vec(act.cols1, (n * S1 * S1, 9), device)?;
+    let d_conv1_w = d_z1.t()?.matmul(&cols1)?;
 
-    let device = x.device();
     let parts = vec![
         d_conv1_w.flatten_all()?,
         Tensor::from_vec(d_conv1_b, C1, device)?,
@@ -165,32 +207,59 @@ fn chunk_gradient(
     Ok((parts, act.logits, loss_sum))
 }
 
-/// The forward pass of a batch `[n, 784]`, keeping what the backward pass needs; `w2` is
-/// conv2's weight from [`conv2_weight_khwc`].
-fn forward(cnn: &Cnn, w2: &Tensor, x: &Tensor) -> Result<Activations> {
+/// The forward pass of a batch `[n, 784]`, keeping what the backward pass needs when `keep`
+/// (else only the logits are meant to be read). The convolutions run one sample at a time, so
+/// that a sample's im2col (0.7 MB) is still in cache when its matrix product reads it; the
+/// fully connected layers take the whole batch at once.
+fn forward(cnn: &Cnn, w: &Weights, x: &Tensor, keep: bool) -> Result<Activations> {
     let n = x.dim(0)?;
     let device = x.device();
-
-    // conv1: [n*676, 9] @ [9, 32], then bias and relu, channels last.
-    let cols1 = with_cpu_f32s(x, |x| im2col1(x, n))?;
-    let cols1 = Tensor::from_vec(cols1, (n * S1 * S1, 9), device)?;
-    let z1 = cols1.matmul(&cnn.conv1.weight().reshape((C1, 9))?.t()?)?;
-    let b1 = cnn.conv1.bias().to_vec1::<f32>()?;
-    let h1 = with_cpu_f32s(&z1, |z1| bias_relu(z1, &b1))?;
-
-    // conv2: [n*576, 288] @ [288, 64]; bias, relu and the 2x2 max-pool in one pass.
-    let cols2 = Tensor::from_vec(im2col2(&h1, n), (n * S2 * S2, K2), device)?;
-    let z2 = cols2.matmul(&w2.t()?)?;
-    let b2 = cnn.conv2.bias().to_vec1::<f32>()?;
-    let (pooled, argmax) = with_cpu_f32s(&z2, |z2| bias_relu_max_pool(z2, &b2, n))?;
+    let mut pooled = vec![0f32; n * FLAT];
+    let mut argmax = vec![NO_GRADIENT; if keep { n * FLAT } else { 0 }];
+    let mut all_cols1 = Vec::with_capacity(if keep { n * S1 * S1 * 9 } else { 0 });
+    let mut all_h1 = Vec::with_capacity(if keep { n * S1 * S1 * C1 } else { 0 });
+    let mut all_cols2 = Vec::with_capacity(if keep { n } else { 0 });
+    with_cpu_f32s(x, |x| -> Result<()> {
+        for (s, image) in x.chunks_exact(SIDE * SIDE).take(n).enumerate() {
+            // conv1: [676, 9] @ [9, 32], then bias and relu, channels last.
+            let cols1 = im2col1(image, 1);
+            if keep {
+                all_cols1.extend_from_slice(&cols1);
+            }
+            let z1 = Tensor::from_vec(cols1, (S1 * S1, 9), device)?.matmul(&w.w1t)?;
+            let h1 = with_cpu_f32s(&z1, |z1| bias_relu(z1, &w.b1))?;
+            // conv2: [576, 288] @ [288, 64]; bias, relu and the 2x2 max-pool in one pass.
+            let cols2 = Tensor::from_vec(im2col2(&h1, 1), (S2 * S2, K2), device)?;
+            let z2 = cols2.matmul(&w.w2t)?;
+            let out = s * FLAT..(s + 1) * FLAT;
+            let sample_argmax = if keep {
+                Some(&mut argmax[out.clone()])
+            } else {
+                None
+            };
+            with_cpu_f32s(&z2, |z2| {
+                bias_relu_max_pool(
+                    z2,
+                    &w.b2,
+                    &mut pooled[out],
+                    sample_argmax,
+                    (s * S2 * S2 * C2) as u32,
+                )
+            })?;
+            if keep {
+                all_h1.extend_from_slice(&h1);
+                all_cols2.push(cols2);
+            }
+        }
+        Ok(())
+    })??;
     let pooled = Tensor::from_vec(pooled, (n, FLAT), device)?;
-
     let a1 = cnn.fc1.forward(&pooled)?.relu()?;
     let logits = cnn.fc2.forward(&a1)?;
     Ok(Activations {
-        cols1,
-        h1,
-        cols2,
+        cols1: all_cols1,
+        h1: all_h1,
+        cols2: all_cols2,
         argmax,
         pooled,
         a1,
@@ -279,39 +348,64 @@ fn bias_relu(z: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
-/// `relu(z + b)` of conv2's output `[n, 24, 24, 64]` pooled over 2×2 windows: the pooled map in
-/// NCHW order and, for each value, the index in `z` of the window's first maximum, or
-/// [`NO_GRADIENT`] when that maximum is not positive.
-fn bias_relu_max_pool(z: &[f32], b: &[f32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let mut pooled = vec![0f32; n * FLAT];
-    let mut argmax = vec![NO_GRADIENT; n * FLAT];
+/// `relu(z + b)` of one sample's conv2 output `[24, 24, 64]` pooled over 2×2 windows into
+/// `pooled` (`[9216]`, NCHW order) and, when given, for each pooled value the index of the
+/// window's first maximum in the batch's conv2 output (`base` plus its index in `z`), or
+/// [`NO_GRADIENT`] when that maximum is not positive. The channel loop has no branch, so it
+/// runs as vector code.
+fn bias_relu_max_pool(
+    z: &[f32],
+    b: &[f32],
+    pooled: &mut [f32],
+    mut argmax: Option<&mut [u32]>,
+    base: u32,
+) {
+    let b: &[f32; C2] = b.try_into().expect("one bias per channel");
     let mut best = [0f32; C2];
-    let mut best_at = [0usize; C2];
-    for s in 0..n {
-        for i in 0..SP {
-            for j in 0..SP {
-                for (w, (di, dj)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
-                    let at = ((s * S2 + 2 * i + di) * S2 + 2 * j + dj) * C2;
-                    let values = &z[at..at + C2];
-                    for c in 0..C2 {
-                        let v = values[c] + b[c];
-                        if w == 0 || v > best[c] {
-                            best[c] = v;
-                            best_at[c] = at + c;
-                        }
-                    }
+    let mut which = [0u32; C2];
+    for i in 0..SP {
+        for j in 0..SP {
+            let at = |di: usize, dj: usize| ((2 * i + di) * S2 + 2 * j + dj) * C2;
+            let window = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
+            let row = |w: usize| -> &[f32; C2] {
+                z[window[w]..window[w] + C2].try_into().expect("a row")
+            };
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            for c in 0..C2 {
+                let mut m = r0[c] + b[c];
+                let mut k = 0u32;
+                let v = r1[c] + b[c];
+                if v > m {
+                    m = v;
+                    k = 1;
                 }
-                for c in 0..C2 {
-                    if best[c] > 0.0 {
-                        let out = s * FLAT + (c * SP + i) * SP + j;
-                        pooled[out] = best[c];
-                        argmax[out] = best_at[c] as u32;
-                    }
+                let v = r2[c] + b[c];
+                if v > m {
+                    m = v;
+                    k = 2;
+                }
+                let v = r3[c] + b[c];
+                if v > m {
+                    m = v;
+                    k = 3;
+                }
+                best[c] = m;
+                which[c] = k;
+            }
+            for c in 0..C2 {
+                let out = (c * SP + i) * SP + j;
+                let positive = best[c] > 0.0;
+                pooled[out] = if positive { best[c] } else { 0.0 };
+                if let Some(argmax) = argmax.as_deref_mut() {
+                    argmax[out] = if positive {
+                        base + (window[which[c] as usize] + c) as u32
+                    } else {
+                        NO_GRADIENT
+                    };
                 }
             }
         }
     }
-    (pooled, argmax)
 }
 
 /// Sums of the columns of a row-major matrix with `width` columns, row by row in order.
@@ -372,10 +466,17 @@ mod tests {
             z[at(i, j, 1)] = 0.0;
         }
         let b = vec![0f32; C2];
-        let (pooled, argmax) = bias_relu_max_pool(&z, &b, n);
+        let mut pooled = vec![-1f32; FLAT];
+        let mut argmax = vec![0u32; FLAT];
+        bias_relu_max_pool(&z, &b, &mut pooled, Some(&mut argmax), 0);
         assert_eq!((pooled[0], argmax[0]), (2.0, at(0, 1, 0) as u32));
         let channel1 = SP * SP;
         assert_eq!((pooled[channel1], argmax[channel1]), (0.0, NO_GRADIENT));
         assert!(argmax[1..channel1].iter().all(|&a| a == NO_GRADIENT));
+        // Every pooled value is written (relu: none negative).
+        assert!(pooled.iter().all(|&v| v >= 0.0));
+        // A later sample's indices count from its place in the batch.
+        bias_relu_max_pool(&z, &b, &mut pooled, Some(&mut argmax), 1000);
+        assert_eq!(argmax[0], 1000 + at(0, 1, 0) as u32);
     }
 }
