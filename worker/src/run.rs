@@ -139,7 +139,7 @@ async fn train(options: &Options, joined: Joined, shutdown: &Shutdown) -> Result
     .await?;
     let state: Box<dyn ModelState> = match config.backend {
         Backend::Nccl => Box::new(DeviceState::new(config.optimizer.clone(), len, &device)?),
-        Backend::Grpc | Backend::Tcp => Box::new(HostState::new(config.optimizer.clone(), len)),
+        Backend::Grpc | Backend::Tcp => Box::new(HostState::new(config.optimizer.clone(), len)?),
     };
     let step_timeout = Duration::from_secs(config.cluster.step_timeout_s as u64);
     let former: Option<Box<dyn Former>> = match config.backend {

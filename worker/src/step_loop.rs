@@ -716,7 +716,7 @@ mod tests {
             }) as Box<dyn Former>
         });
         let setup = Setup {
-            state: Box::new(HostState::new(config.optimizer.clone(), n)),
+            state: Box::new(HostState::new(config.optimizer.clone(), n).unwrap()),
             config,
             network,
             steps_per_epoch,

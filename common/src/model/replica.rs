@@ -17,6 +17,9 @@ pub struct Replica {
     network: Network,
     /// The parameters under their names, what [`Replica::model`] was built over.
     params: HashMap<String, Tensor>,
+    /// The flat tensor the parameters are views of, when [`Replica::set_params_from_tensor`]
+    /// gave them.
+    flat: Option<candle_core::TensorId>,
     model: Model,
     device: Device,
 }
@@ -33,6 +36,7 @@ impl Replica {
         Ok(Self {
             network,
             params,
+            flat: None,
             model,
             device,
         })
@@ -56,6 +60,7 @@ impl Replica {
     /// Replaces the parameters with a flat host buffer (one copy per tensor).
     pub fn set_params(&mut self, flat: &[f32]) -> candle_core::Result<()> {
         let params = self.network.tensors_from_flat(flat, &self.device)?;
+        self.flat = None;
         self.set_named(params)
     }
 
@@ -63,7 +68,14 @@ impl Replica {
     /// copies).
     pub fn set_params_from_tensor(&mut self, flat: &Tensor) -> candle_core::Result<()> {
         let params = self.network.tensors_from_tensor(flat)?;
+        self.flat = Some(flat.id());
         self.set_named(params)
+    }
+
+    /// Whether the parameters are views of `flat` (given to [`Replica::set_params_from_tensor`]),
+    /// so that updating its values in place updates them.
+    pub fn shares_params(&self, flat: &Tensor) -> bool {
+        self.flat == Some(flat.id())
     }
 
     fn set_named(&mut self, params: HashMap<String, Tensor>) -> candle_core::Result<()> {
