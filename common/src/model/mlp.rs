@@ -14,6 +14,8 @@ use super::network::CLASSES;
 use crate::config::{Activation, ModelConfig};
 use crate::mnist::IMAGE_PIXELS;
 
+pub mod cpu;
+
 /// The layer widths `config` describes, input and output included.
 pub(super) fn sizes(config: &ModelConfig) -> Vec<usize> {
     std::iter::once(IMAGE_PIXELS)
@@ -84,8 +86,19 @@ impl Mlp {
     }
 
     /// The gradient of the summed loss of a batch `[n, 784]` with labels `y`, in layout order,
-    /// and the batch's `[loss_sum, correct]` left on its device.
+    /// and the batch's `[loss_sum, correct]` left on its device: on the CPU by [`cpu`]'s pass,
+    /// elsewhere by [`Mlp::gradient_tensors`].
     pub fn gradient(&self, x: &Tensor, y: &Tensor) -> Result<(Gradients, Tensor)> {
+        if x.device().is_cpu() {
+            if let Some(done) = cpu::gradient(self, x, y)? {
+                return Ok(done);
+            }
+        }
+        self.gradient_tensors(x, y)
+    }
+
+    /// [`Mlp::gradient`] as tensor operations on the batch's device.
+    pub fn gradient_tensors(&self, x: &Tensor, y: &Tensor) -> Result<(Gradients, Tensor)> {
         let count = self.layers.len();
         // Forward, keeping each layer's input.
         let mut inputs = Vec::with_capacity(count);

@@ -1,0 +1,314 @@
+//! The fully connected network's forward and backward pass on the CPU, over the gemm crate
+//! directly. Through candle a step of `mlp` was about fifty tensor operations, each allocating
+//! its result and dispatching on its own (a third of a worker's time beside the products);
+//! here it is one product per layer and direction into buffers of this pass, with the bias,
+//! the activation, the loss and their derivatives as plain loops.
+//!
+//! Activations are kept feature-major (`[features, n]`): so laid out, every product reads the
+//! weight where it lies and the gemm crate packs nothing larger than a batch. The gradient
+//! comes out as one flat buffer in layout order (weight `[out, in]`, bias, per layer).
+//! Every loop runs in a fixed order and gemm splits only rows and columns among threads,
+//! never its sums, so the result does not depend on timing or on the thread count.
+
+use candle_core::{CpuStorage, Result, Storage, Tensor};
+use gemm::{gemm, Parallelism};
+
+use super::Mlp;
+use crate::config::Activation;
+use crate::model::gradients::Gradients;
+use crate::model::network::CLASSES;
+
+/// The gradient of the summed cross-entropy of a batch `[n, inputs]` with labels `y` (u32),
+/// in layout order, and the batch's `[loss_sum, correct]`. `None` when the parameters or the
+/// batch are not contiguous f32 CPU tensors (the caller then takes candle's path).
+pub fn gradient(mlp: &Mlp, x: &Tensor, y: &Tensor) -> Result<Option<(Gradients, Tensor)>> {
+    let device = x.device().clone();
+    let labels = y.to_vec1::<u32>()?;
+    let n = labels.len();
+    let mut tensors = vec![x];
+    for layer in mlp.layers() {
+        tensors.push(layer.weight());
+        tensors.push(layer.bias());
+    }
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(tensors.len());
+    for ((storage, layout), t) in guards.iter().zip(&tensors) {
+        let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+            (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        debug_assert_eq!(end - start, t.elem_count());
+        slices.push(&values[start..end]);
+    }
+    let (x, params) = slices.split_first().expect("the batch");
+    let (flat, stats) = pass(mlp, params, x, &labels, n);
+    drop(guards);
+    let len = flat.len();
+    Ok(Some((
+        Gradients::from_parts(vec![Tensor::from_vec(flat, len, &device)?]),
+        Tensor::from_vec(stats.to_vec(), 2, &device)?,
+    )))
+}
+
+/// The pass over host values: `params` holds each layer's weight and bias in turn.
+fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (Vec<f32>, [f32; 2]) {
+    let layers = mlp.layers().len();
+    let sizes: Vec<(usize, usize)> = (0..layers)
+        .map(|l| {
+            (
+                params[2 * l + 1].len(),
+                params[2 * l].len() / params[2 * l + 1].len(),
+            )
+        })
+        .collect();
+    let act = Act::of(mlp);
+    let threads = threads();
+
+    // Forward. `outs[l]` is layer l's output after its activation (the logits for the
+    // last), feature-major.
+    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(layers);
+    for (l, &(out, inputs)) in sizes.iter().enumerate() {
+        let (w, b) = (params[2 * l], params[2 * l + 1]);
+        let mut z = vec![0f32; out * n];
+        // z[o][s] = sum_i h[s][i] w[o][i]: z as an [n, out] matrix stored column-major.
+        let (h, h_rs, h_cs) = match l {
+            0 => (x, inputs as isize, 1),
+            _ => (outs[l - 1].as_slice(), 1, n as isize),
+        };
+        // SAFETY: every operand's extent fits its slice: z is n × out with strides (1, n),
+        // h n × inputs with (h_rs, h_cs), and the weight's transpose inputs × out with
+        // strides (1, inputs).
+        unsafe {
+            gemm(
+                n,
+                out,
+                inputs,
+                z.as_mut_ptr(),
+                n as isize,
+                1,
+                false,
+                h.as_ptr(),
+                h_cs,
+                h_rs,
+                w.as_ptr(),
+                inputs as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads,
+            );
+        }
+        let last = l + 1 == layers;
+        for (row, &bias) in z.chunks_exact_mut(n).zip(b) {
+            if last {
+                row.iter_mut().for_each(|v| *v += bias);
+            } else {
+                row.iter_mut().for_each(|v| *v = act.apply(*v + bias));
+            }
+        }
+        outs.push(z);
+    }
+
+    // The loss and its gradient with respect to the logits: softmax minus one-hot.
+    let logits = outs.last().expect("a layer");
+    let mut dz = vec![0f32; CLASSES * n];
+    let (mut loss_sum, mut correct) = (0f32, 0f32);
+    for (s, &label) in labels.iter().enumerate() {
+        let z = |c: usize| logits[c * n + s];
+        let (mut max, mut best) = (z(0), 0);
+        for c in 1..CLASSES {
+            if z(c) > max {
+                (max, best) = (z(c), c);
+            }
+        }
+        let sum: f32 = (0..CLASSES).map(|c| (z(c) - max).exp()).sum();
+        let log_sum = sum.ln();
+        for c in 0..CLASSES {
+            let log_p = z(c) - max - log_sum;
+            dz[c * n + s] = log_p.exp() - if c == label as usize { 1.0 } else { 0.0 };
+        }
+        loss_sum -= z(label as usize) - max - log_sum;
+        if best == label as usize {
+            correct += 1.0;
+        }
+    }
+
+    // Backward, into the flat gradient. The logits' gradient is feature-major; every earlier
+    // layer's is sample-major (`[n, features]`), which lets gemm split the weight's rows
+    // among its widest kernels for that product.
+    let offsets: Vec<usize> = sizes
+        .iter()
+        .scan(0, |at, &(out, inputs)| {
+            let here = *at;
+            *at += out * inputs + out;
+            Some(here)
+        })
+        .collect();
+    let total = offsets.last().map_or(0, |&o| o) + sizes.last().map_or(0, |&(o, i)| o * i + o);
+    let mut grad = vec![0f32; total];
+    let mut sample_major = false;
+    for l in (0..layers).rev() {
+        let (out, inputs) = sizes[l];
+        let (d_w, d_b) =
+            grad[offsets[l]..offsets[l] + out * inputs + out].split_at_mut(out * inputs);
+        // Strides of dz as an [out, n] matrix: (row, column).
+        let (dz_rs, dz_cs) = if sample_major {
+            (1, out as isize)
+        } else {
+            (n as isize, 1)
+        };
+        // The bias: each output's gradient summed over the samples in order.
+        if sample_major {
+            for row in dz.chunks_exact(out) {
+                for (g, &v) in d_b.iter_mut().zip(row) {
+                    *g += v;
+                }
+            }
+        } else {
+            for (g, row) in d_b.iter_mut().zip(dz.chunks_exact(n)) {
+                *g = row.iter().sum();
+            }
+        }
+        // d_w[o][i] = sum_s dz[o][s] h[s][i].
+        let (h, h_rs, h_cs) = match l {
+            0 => (x, inputs as isize, 1),
+            _ => (outs[l - 1].as_slice(), 1, n as isize),
+        };
+        // SAFETY: d_w is out × inputs row-major, dz out × n with strides (dz_rs, dz_cs), h
+        // n × inputs with (h_rs, h_cs).
+        unsafe {
+            gemm(
+                out,
+                inputs,
+                n,
+                d_w.as_mut_ptr(),
+                1,
+                inputs as isize,
+                false,
+                dz.as_ptr(),
+                dz_cs,
+                dz_rs,
+                h.as_ptr(),
+                h_cs,
+                h_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads,
+            );
+        }
+        if l > 0 {
+            // da[s][i] = sum_o dz[o][s] w[o][i], sample-major, then through the activation.
+            let w = params[2 * l];
+            let mut da = vec![0f32; n * inputs];
+            // SAFETY: da is n × inputs row-major, dz's transpose n × out with strides
+            // (dz_cs, dz_rs), the weight out × inputs row-major.
+            unsafe {
+                gemm(
+                    n,
+                    inputs,
+                    out,
+                    da.as_mut_ptr(),
+                    1,
+                    inputs as isize,
+                    false,
+                    dz.as_ptr(),
+                    dz_rs,
+                    dz_cs,
+                    w.as_ptr(),
+                    1,
+                    inputs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    threads,
+                );
+            }
+            let a = &outs[l - 1];
+            for (s, row) in da.chunks_exact_mut(inputs).enumerate() {
+                for (i, d) in row.iter_mut().enumerate() {
+                    *d *= act.slope(a[i * n + s]);
+                }
+            }
+            dz = da;
+            sample_major = true;
+        }
+    }
+    (grad, [loss_sum, correct])
+}
+
+/// The hidden layers' activation, by its output.
+#[derive(Clone, Copy)]
+enum Act {
+    Relu,
+    Leaky(f32),
+    Sigmoid,
+    Tanh,
+}
+
+impl Act {
+    fn of(mlp: &Mlp) -> Self {
+        match mlp.activation {
+            Activation::Relu => Act::Relu,
+            Activation::LeakyRelu => Act::Leaky(mlp.leaky_slope as f32),
+            Activation::Sigmoid => Act::Sigmoid,
+            Activation::Tanh => Act::Tanh,
+            Activation::Gelu => unreachable!("gelu takes autograd"),
+        }
+    }
+
+    #[inline]
+    fn apply(self, z: f32) -> f32 {
+        match self {
+            Act::Relu => z.max(0.0),
+            Act::Leaky(slope) => {
+                if z > 0.0 {
+                    z
+                } else {
+                    z * slope
+                }
+            }
+            Act::Sigmoid => 1.0 / (1.0 + (-z).exp()),
+            Act::Tanh => z.tanh(),
+        }
+    }
+
+    /// The derivative, expressed through the output `a`.
+    #[inline]
+    fn slope(self, a: f32) -> f32 {
+        match self {
+            Act::Relu => {
+                if a > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::Leaky(slope) => {
+                if a > 0.0 {
+                    1.0
+                } else {
+                    slope
+                }
+            }
+            Act::Sigmoid => a * (1.0 - a),
+            Act::Tanh => 1.0 - a * a,
+        }
+    }
+}
+
+/// The thread count candle's own products use.
+fn threads() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
