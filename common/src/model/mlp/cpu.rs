@@ -16,7 +16,6 @@ use gemm::{gemm, Parallelism};
 use super::Mlp;
 use crate::config::Activation;
 use crate::model::gradients::Gradients;
-use crate::model::network::CLASSES;
 
 /// The gradient of the summed cross-entropy of a batch `[n, inputs]` with labels `y` (u32),
 /// in layout order, and the batch's `[loss_sum, correct]`. `None` when the parameters or the
@@ -25,6 +24,10 @@ pub fn gradient(mlp: &Mlp, x: &Tensor, y: &Tensor) -> Result<Option<(Gradients, 
     let device = x.device().clone();
     let labels = y.to_vec1::<u32>()?;
     let n = labels.len();
+    let classes = mlp.layers().last().map_or(0, |l| l.bias().elem_count());
+    if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
+        candle_core::bail!("label {l} is not one of the network's {classes} classes");
+    }
     let mut tensors = vec![x];
     for layer in mlp.layers() {
         tensors.push(layer.weight());
@@ -115,19 +118,20 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
 
     // The loss and its gradient with respect to the logits: softmax minus one-hot.
     let logits = outs.last().expect("a layer");
-    let mut dz = vec![0f32; CLASSES * n];
+    let classes = sizes.last().map_or(0, |&(out, _)| out);
+    let mut dz = vec![0f32; classes * n];
     let (mut loss_sum, mut correct) = (0f32, 0f32);
     for (s, &label) in labels.iter().enumerate() {
         let z = |c: usize| logits[c * n + s];
         let (mut max, mut best) = (z(0), 0);
-        for c in 1..CLASSES {
+        for c in 1..classes {
             if z(c) > max {
                 (max, best) = (z(c), c);
             }
         }
-        let sum: f32 = (0..CLASSES).map(|c| (z(c) - max).exp()).sum();
+        let sum: f32 = (0..classes).map(|c| (z(c) - max).exp()).sum();
         let log_sum = sum.ln();
-        for c in 0..CLASSES {
+        for c in 0..classes {
             let log_p = z(c) - max - log_sum;
             dz[c * n + s] = log_p.exp() - if c == label as usize { 1.0 } else { 0.0 };
         }
@@ -310,5 +314,28 @@ fn threads() -> Parallelism {
     match candle_core::utils::get_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::config::JobConfig;
+    use crate::model::{Model, Network};
+
+    #[test]
+    fn a_label_outside_the_classes_is_an_error_not_a_panic() {
+        let net = Network::new(&JobConfig::preset("mlp").unwrap().model);
+        let Model::Mlp(mlp) = net
+            .model_from_flat(&net.init_params(1), &Device::Cpu)
+            .unwrap()
+        else {
+            panic!("mlp is fully connected")
+        };
+        let x = Tensor::zeros((2, 784), DType::F32, &Device::Cpu).unwrap();
+        let y = Tensor::new(&[3u32, 10], &Device::Cpu).unwrap();
+        let e = super::gradient(&mlp, &x, &y).err().expect("refused");
+        assert!(e.to_string().contains("label 10"), "{e}");
     }
 }
