@@ -75,36 +75,13 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
         let (w, b) = (params[2 * l], params[2 * l + 1]);
         let mut z = vec![0f32; out * n];
         // z[o][s] = sum_i h[s][i] w[o][i]: z as an [n, out] matrix stored column-major.
-        let (h, h_rs, h_cs) = match l {
-            0 => (x, inputs as isize, 1),
-            _ => (outs[l - 1].as_slice(), 1, n as isize),
-        };
-        // SAFETY: every operand's extent fits its slice: z is n × out with strides (1, n),
-        // h n × inputs with (h_rs, h_cs), and the weight's transpose inputs × out with
-        // strides (1, inputs).
-        unsafe {
-            gemm(
-                n,
-                out,
-                inputs,
-                z.as_mut_ptr(),
-                n as isize,
-                1,
-                false,
-                h.as_ptr(),
-                h_cs,
-                h_rs,
-                w.as_ptr(),
-                inputs as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                threads,
-            );
-        }
+        product(
+            &mut z,
+            (1, n),
+            input(l, x, &outs, inputs),
+            View::new(w, inputs, out, 1, inputs),
+            threads,
+        );
         let last = l + 1 == layers;
         for (row, &bias) in z.chunks_exact_mut(n).zip(b) {
             if last {
@@ -160,11 +137,7 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
         let (d_w, d_b) =
             grad[offsets[l]..offsets[l] + out * inputs + out].split_at_mut(out * inputs);
         // Strides of dz as an [out, n] matrix: (row, column).
-        let (dz_rs, dz_cs) = if sample_major {
-            (1, out as isize)
-        } else {
-            (n as isize, 1)
-        };
+        let (dz_rs, dz_cs) = if sample_major { (1, out) } else { (n, 1) };
         // The bias: each output's gradient summed over the samples in order.
         if sample_major {
             for row in dz.chunks_exact(out) {
@@ -178,64 +151,24 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
             }
         }
         // d_w[o][i] = sum_s dz[o][s] h[s][i].
-        let (h, h_rs, h_cs) = match l {
-            0 => (x, inputs as isize, 1),
-            _ => (outs[l - 1].as_slice(), 1, n as isize),
-        };
-        // SAFETY: d_w is out × inputs row-major, dz out × n with strides (dz_rs, dz_cs), h
-        // n × inputs with (h_rs, h_cs).
-        unsafe {
-            gemm(
-                out,
-                inputs,
-                n,
-                d_w.as_mut_ptr(),
-                1,
-                inputs as isize,
-                false,
-                dz.as_ptr(),
-                dz_cs,
-                dz_rs,
-                h.as_ptr(),
-                h_cs,
-                h_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                threads,
-            );
-        }
+        product(
+            d_w,
+            (inputs, 1),
+            View::new(&dz, out, n, dz_rs, dz_cs),
+            input(l, x, &outs, inputs),
+            threads,
+        );
         if l > 0 {
             // da[s][i] = sum_o dz[o][s] w[o][i], sample-major, then through the activation.
             let w = params[2 * l];
             let mut da = vec![0f32; n * inputs];
-            // SAFETY: da is n × inputs row-major, dz's transpose n × out with strides
-            // (dz_cs, dz_rs), the weight out × inputs row-major.
-            unsafe {
-                gemm(
-                    n,
-                    inputs,
-                    out,
-                    da.as_mut_ptr(),
-                    1,
-                    inputs as isize,
-                    false,
-                    dz.as_ptr(),
-                    dz_rs,
-                    dz_cs,
-                    w.as_ptr(),
-                    1,
-                    inputs as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    threads,
-                );
-            }
+            product(
+                &mut da,
+                (inputs, 1),
+                View::new(&dz, n, out, dz_cs, dz_rs),
+                View::new(w, out, inputs, inputs, 1),
+                threads,
+            );
             let a = &outs[l - 1];
             for (s, row) in da.chunks_exact_mut(inputs).enumerate() {
                 for (i, d) in row.iter_mut().enumerate() {
@@ -247,6 +180,84 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
         }
     }
     (grad, [loss_sum, correct])
+}
+
+/// Layer `l`'s input as an `[n, inputs]` view: the batch (sample-major), or the layer
+/// before's output (feature-major).
+fn input<'a>(l: usize, x: &'a [f32], outs: &'a [Vec<f32>], inputs: usize) -> View<'a> {
+    match l {
+        0 => View::new(x, x.len() / inputs.max(1), inputs, inputs, 1),
+        _ => {
+            let h = &outs[l - 1];
+            let n = h.len() / inputs.max(1);
+            View::new(h, n, inputs, 1, n)
+        }
+    }
+}
+
+/// A matrix over a slice: `rows × cols`, element `(r, c)` at `r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            fits(data.len(), rows, cols, rs, cs),
+            "a {rows} × {cols} view with strides ({rs}, {cs}) over {} values",
+            data.len()
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+}
+
+/// Whether every element of a `rows × cols` matrix with strides `(rs, cs)` lies in `len`
+/// values.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+/// `dst = a · b`, with `dst` an `a.rows × b.cols` matrix of strides `(rs, cs)`.
+fn product(dst: &mut [f32], (rs, cs): (usize, usize), a: View, b: View, threads: Parallelism) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert_eq!(k, b.rows, "the inner dimensions of a product");
+    assert!(fits(dst.len(), m, n, rs, cs), "the product's destination");
+    // SAFETY: every element of the three matrices lies in its slice (checked above and in
+    // `View::new`), and `dst` is borrowed mutably apart from both operands.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            cs as isize,
+            rs as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        );
+    }
 }
 
 /// The hidden layers' activation, by its output.
