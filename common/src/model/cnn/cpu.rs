@@ -28,8 +28,9 @@ use crate::model::loss::summed_cross_entropy;
 const K2: usize = 9 * C1;
 /// Marks a pooled value whose maximum was not positive: relu passes no gradient back to it.
 const NO_GRADIENT: u32 = u32::MAX;
-/// Most samples per pass: bounds the im2col buffers (about 0.7 MB a sample) when a caller
-/// evaluates thousands of images at once or a shard is large.
+/// Most samples per pass: bounds the im2col buffers a gradient keeps for its backward pass
+/// (about 0.7 MB a sample) when a shard is large, and is the batch of the fully connected
+/// layers when a caller evaluates thousands of images at once.
 const CHUNK: usize = 64;
 
 /// What the backward pass needs from the forward pass.
