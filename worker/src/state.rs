@@ -73,11 +73,8 @@ impl HostState {
         let op = InPlace(std::cell::RefCell::new(Some(|params: &mut [f32]| {
             update(&mut self.optimizer, params)
         })));
+        // Another device's storage fails here: the operation has only a CPU form.
         self.params.inplace_op1(&op)?;
-        anyhow::ensure!(
-            op.0.borrow().is_none(),
-            "the parameters are not a CPU tensor"
-        );
         Ok(())
     }
 

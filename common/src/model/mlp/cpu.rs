@@ -23,8 +23,13 @@ use crate::model::gradients::Gradients;
 pub fn gradient(mlp: &Mlp, x: &Tensor, y: &Tensor) -> Result<Option<(Gradients, Tensor)>> {
     let device = x.device().clone();
     let labels = y.to_vec1::<u32>()?;
-    let n = labels.len();
-    let classes = mlp.layers().last().map_or(0, |l| l.bias().elem_count());
+    // (outputs, inputs) of each layer, from its weight's shape.
+    let sizes = mlp
+        .layers()
+        .iter()
+        .map(|l| l.weight().dims2())
+        .collect::<Result<Vec<_>>>()?;
+    let classes = sizes.last().map_or(0, |&(out, _)| out);
     if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
         candle_core::bail!("label {l} is not one of the network's {classes} classes");
     }
@@ -45,7 +50,7 @@ pub fn gradient(mlp: &Mlp, x: &Tensor, y: &Tensor) -> Result<Option<(Gradients, 
         slices.push(&values[start..end]);
     }
     let (x, params) = slices.split_first().expect("the batch");
-    let (flat, stats) = pass(mlp, params, x, &labels, n);
+    let (flat, stats) = pass(mlp, &sizes, params, x, &labels);
     drop(guards);
     let len = flat.len();
     Ok(Some((
@@ -54,17 +59,16 @@ pub fn gradient(mlp: &Mlp, x: &Tensor, y: &Tensor) -> Result<Option<(Gradients, 
     )))
 }
 
-/// The pass over host values: `params` holds each layer's weight and bias in turn.
-fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (Vec<f32>, [f32; 2]) {
-    let layers = mlp.layers().len();
-    let sizes: Vec<(usize, usize)> = (0..layers)
-        .map(|l| {
-            (
-                params[2 * l + 1].len(),
-                params[2 * l].len() / params[2 * l + 1].len(),
-            )
-        })
-        .collect();
+/// The pass over host values: `sizes` holds each layer's (outputs, inputs), `params` its
+/// weight and bias in turn.
+fn pass(
+    mlp: &Mlp,
+    sizes: &[(usize, usize)],
+    params: &[&[f32]],
+    x: &[f32],
+    labels: &[u32],
+) -> (Vec<f32>, [f32; 2]) {
+    let (layers, n) = (sizes.len(), labels.len());
     let act = Act::of(mlp);
     let threads = threads();
 
@@ -78,7 +82,7 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
         product(
             &mut z,
             (1, n),
-            input(l, x, &outs, inputs),
+            input(l, x, &outs, inputs, n),
             View::new(w, inputs, out, 1, inputs),
             threads,
         );
@@ -121,15 +125,13 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
     // Backward, into the flat gradient. The logits' gradient is feature-major; every earlier
     // layer's is sample-major (`[n, features]`), which lets gemm split the weight's rows
     // among its widest kernels for that product.
-    let offsets: Vec<usize> = sizes
-        .iter()
-        .scan(0, |at, &(out, inputs)| {
-            let here = *at;
-            *at += out * inputs + out;
-            Some(here)
-        })
-        .collect();
-    let total = offsets.last().map_or(0, |&o| o) + sizes.last().map_or(0, |&(o, i)| o * i + o);
+    // Where each layer's weight starts in the flat gradient; its bias follows it.
+    let mut offsets = Vec::with_capacity(layers);
+    let mut total = 0;
+    for &(out, inputs) in sizes {
+        offsets.push(total);
+        total += out * inputs + out;
+    }
     let mut grad = vec![0f32; total];
     let mut sample_major = false;
     for l in (0..layers).rev() {
@@ -155,7 +157,7 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
             d_w,
             (inputs, 1),
             View::new(&dz, out, n, dz_rs, dz_cs),
-            input(l, x, &outs, inputs),
+            input(l, x, &outs, inputs, n),
             threads,
         );
         if l > 0 {
@@ -184,14 +186,10 @@ fn pass(mlp: &Mlp, params: &[&[f32]], x: &[f32], labels: &[u32], n: usize) -> (V
 
 /// Layer `l`'s input as an `[n, inputs]` view: the batch (sample-major), or the layer
 /// before's output (feature-major).
-fn input<'a>(l: usize, x: &'a [f32], outs: &'a [Vec<f32>], inputs: usize) -> View<'a> {
+fn input<'a>(l: usize, x: &'a [f32], outs: &'a [Vec<f32>], inputs: usize, n: usize) -> View<'a> {
     match l {
-        0 => View::new(x, x.len() / inputs.max(1), inputs, inputs, 1),
-        _ => {
-            let h = &outs[l - 1];
-            let n = h.len() / inputs.max(1);
-            View::new(h, n, inputs, 1, n)
-        }
+        0 => View::new(x, n, inputs, inputs, 1),
+        _ => View::new(&outs[l - 1], n, inputs, 1, n),
     }
 }
 
